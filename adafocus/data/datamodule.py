@@ -1,0 +1,276 @@
+"""VideoDataModule: the LightningDataModule between video files on disk and ``[B, T, 3, S, S]`` batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from adafocus.data.dataset import BACKENDS, ClipCollate, VideoClipDataset
+from adafocus.data.lists import LIST_FORMATS, ListFileError, VideoEntry, parse_list, read_class_index
+from adafocus.data.transforms import VideoTransform
+
+log = logging.getLogger(__name__)
+
+
+class BadVideosError(RuntimeError):
+    """Too many training videos failed to decode."""
+
+
+class VideoDataModule(pl.LightningDataModule):
+    """Videos of a split file -> batches ``{"video": float32 [B, T, 3, S, S], "label": long [B],
+    "labels": long [B, L] (-1 padded), "index": long [B], "path": list[str]}``.
+
+    ``data_dir`` holds the list files and class index, and ``videos/<path>.<ext>`` (backend "video", decord)
+    or ``frames/<path>/image_00001.jpg...`` (backend "frames", PIL). ``batch_size`` is the total over all
+    devices. See SPEC §3 for sampling / processing order / augmentation.
+
+    Bad videos: in training a failing video is replaced by another one and counted; when more than
+    ``max_bad_fraction`` of an epoch's videos (on this rank) have failed, the next batch raises
+    :class:`BadVideosError` listing them (checked in ``on_before_batch_transfer``, which runs in the main
+    process for every batch, from the dataset's shared-memory failure marks). In evaluation a failing video
+    raises an error naming it, or with ``skip_bad_eval`` is dropped from its batch
+    (see :meth:`skipped_videos`).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        list_format: str,
+        train_list: str,
+        val_list: str,
+        class_index: str,
+        num_classes: int,
+        multilabel: bool,
+        num_frames: int = 16,
+        input_size: int = 224,
+        batch_size: int = 32,
+        workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        augment: bool = True,
+        decode_short_side: int | None = 360,
+        backend: str = "video",
+        frame_template: str = "image_{:05d}.jpg",
+        max_bad_fraction: float = 0.01,
+        skip_bad_eval: bool = False,
+        generate: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        decode_threads: int = 1,
+    ) -> None:
+        super().__init__()
+        if list_format not in LIST_FORMATS:
+            raise ValueError(f"data.list_format must be one of {LIST_FORMATS}, got {list_format!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"data.backend must be one of {BACKENDS}, got {backend!r}")
+        if decode_short_side is not None and int(decode_short_side) <= 0:
+            raise ValueError(
+                f"data.decode_short_side must be a positive int or null, got {decode_short_side}"
+            )
+        if "{" not in frame_template:
+            raise ValueError(
+                f"data.frame_template must be a format string like 'image_{{:05d}}.jpg', "
+                f"got {frame_template!r}"
+            )
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if int(batch_size) < 1 or int(num_frames) < 1 or int(input_size) < 1 or int(workers) < 0:
+            raise ValueError(
+                f"data.batch_size/num_frames/input_size must be >= 1 and workers >= 0, got "
+                f"{batch_size}/{num_frames}/{input_size}/{workers}"
+            )
+        self.data_dir = Path(data_dir)
+        self.list_format = list_format
+        self.train_list, self.val_list, self.class_index = train_list, val_list, class_index
+        self.num_classes, self.multilabel = int(num_classes), bool(multilabel)
+        self.num_frames, self.input_size = int(num_frames), int(input_size)
+        self.batch_size = int(batch_size)
+        self.workers = int(workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.augment = bool(augment)
+        self.decode_short_side = None if decode_short_side is None else int(decode_short_side)
+        self.backend, self.frame_template = backend, frame_template
+        self.max_bad_fraction, self.skip_bad_eval = float(max_bad_fraction), bool(skip_bad_eval)
+        self.generate = None if generate is None else dict(generate)
+        self.seed = int(seed)
+        self.decode_threads = int(decode_threads)
+
+        self.class_names: list[str] = []
+        self.per_device_batch_size: int | None = None
+        self.max_labels = 1
+        self.train_dataset: VideoClipDataset | None = None
+        self.val_dataset: VideoClipDataset | None = None
+        self._entries: dict[str, list[VideoEntry]] = {}
+        self._eval_datasets: dict[str, VideoClipDataset] = {}
+        self._train_epoch_size = 0
+
+    # ------------------------------------------------------------------ setup
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset when ``generate`` is set (rank 0 only, before setup)."""
+        if self.generate is not None:
+            from adafocus.data.synthetic import ensure_synthetic  # lazy: the generator is optional
+
+            ensure_synthetic(self.data_dir, **self.generate)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _list_path(self, split: str) -> Path:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self.data_dir / (self.train_list if split == "train" else self.val_list)
+
+    def entries(self, split: str) -> list[VideoEntry]:
+        """Parsed and validated entries of ``split`` ("train" / "val")."""
+        if split not in self._entries:
+            path = self._list_path(split)
+            entries = parse_list(path, self.list_format, self.num_classes)
+            if not self.multilabel:
+                for e in entries:
+                    if len(e.labels) != 1:
+                        raise ListFileError(
+                            f"{path}:{e.line}: {len(e.labels)} labels for {e.path!r}, but the dataset is "
+                            "single-label (dataset.multilabel=false)"
+                        )
+            self._entries[split] = entries
+            self.max_labels = max(self.max_labels, *(len(e.labels) for e in entries))
+        return self._entries[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the class index and validate the list files (before any training); per-device batch size."""
+        world_size, _ = self._world()
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is the total over all devices and must be divisible by the "
+                f"world size {world_size}"
+            )
+        self.per_device_batch_size = self.batch_size // world_size
+        if not self.data_dir.is_dir():
+            raise FileNotFoundError(f"data_dir not found: expected the directory {self.data_dir}")
+        self.class_names = read_class_index(self.data_dir / self.class_index, self.num_classes)
+        splits = ["val"] if stage in ("validate", "test", "predict") else ["train", "val"]
+        for split in splits:
+            self.entries(split)
+        if "train" in splits:
+            self.train_dataset = self._dataset(self.entries("train"), train=True)
+        self.val_dataset = self._dataset(self.entries("val"), train=False)
+
+    def _dataset(self, entries: list[VideoEntry], train: bool) -> VideoClipDataset:
+        if train:
+            on_error = "substitute"
+        else:
+            on_error = "skip" if self.skip_bad_eval else "raise"
+        return VideoClipDataset(
+            entries,
+            self.data_dir,
+            self.num_frames,
+            VideoTransform(self.input_size, train=train, augment=self.augment),
+            train=train,
+            backend=self.backend,
+            frame_template=self.frame_template,
+            decode_short_side=self.decode_short_side,
+            max_labels=self.max_labels,
+            on_error=on_error,
+            decode_threads=self.decode_threads,
+        )
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: VideoClipDataset, sampler: torch.utils.data.Sampler) -> DataLoader:
+        if self.per_device_batch_size is None:
+            raise RuntimeError("VideoDataModule.setup() must run before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size,
+            sampler=sampler,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.workers > 0,
+            collate_fn=ClipCollate(self.num_frames, self.input_size, dataset.max_labels),
+            drop_last=False,
+        )
+
+    def _eval_sampler(self, dataset: VideoClipDataset) -> torch.utils.data.Sampler:
+        world_size, rank = self._world()
+        if world_size > 1:
+            return UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return SequentialSampler(dataset)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError("VideoDataModule.setup('fit') must run before train_dataloader()")
+        world_size, rank = self._world()
+        if world_size > 1:
+            sampler = DistributedSampler(
+                self.train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed
+            )
+        else:
+            sampler = RandomSampler(self.train_dataset)
+        self._train_epoch_size = len(sampler)
+        return self._loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            raise RuntimeError("VideoDataModule.setup() must run before val_dataloader()")
+        self._eval_datasets["val"] = self.val_dataset
+        return self._loader(self.val_dataset, self._eval_sampler(self.val_dataset))
+
+    def eval_dataloader(self, split: str = "val", limit: int | None = None, seed: int = 0) -> DataLoader:
+        """Deterministic eval-transform loader over ``split`` ("val" / "train"); ``limit``: a seeded random
+        subset of that many videos (kept in list order). Works with or without a prior setup()."""
+        if self.per_device_batch_size is None:
+            self.setup("validate")
+        if not self.class_names:
+            self.class_names = read_class_index(self.data_dir / self.class_index, self.num_classes)
+        entries = self.entries(split)
+        if limit is not None and int(limit) < len(entries):
+            generator = torch.Generator().manual_seed(int(seed))
+            keep = sorted(torch.randperm(len(entries), generator=generator)[: int(limit)].tolist())
+            entries = [entries[i] for i in keep]
+        dataset = self._dataset(entries, train=False)
+        self._eval_datasets[split] = dataset
+        return self._loader(dataset, self._eval_sampler(dataset))
+
+    # ------------------------------------------------------------------ bad videos
+    @property
+    def bad_videos(self) -> list[str]:
+        """Training videos that failed so far on this rank (all worker processes together)."""
+        return [] if self.train_dataset is None else self.train_dataset.failed_paths()
+
+    def skipped_videos(self, split: str = "val") -> list[str]:
+        """Videos skipped by the last eval loader of ``split`` (``skip_bad_eval=True``) on this rank."""
+        dataset = self._eval_datasets.get(split)
+        return [] if dataset is None else dataset.failed_paths()
+
+    def check_bad_videos(self) -> None:
+        """Raise :class:`BadVideosError` when more than ``max_bad_fraction`` of an epoch's training videos
+        (this rank's share) have failed."""
+        if self.train_dataset is None:
+            return
+        num_bad = int(self.train_dataset.failed.sum())
+        if num_bad == 0:
+            return
+        epoch_size = self._train_epoch_size or len(self.train_dataset)
+        if num_bad > self.max_bad_fraction * epoch_size:
+            paths = self.train_dataset.failed_paths()
+            raise BadVideosError(
+                f"{num_bad} of the {epoch_size} training videos of an epoch failed to decode "
+                f"(> data.max_bad_fraction={self.max_bad_fraction}); fix or remove them from "
+                f"{self._list_path('train')} (python -m adafocus.data.prepare verify ...):\n  "
+                + "\n  ".join(paths)
+            )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is None or trainer.training:
+            self.check_bad_videos()
+        return batch

@@ -1,0 +1,125 @@
+"""Clip transforms on uint8 video tensors ``[T, 3, H, W]`` with torchvision.transforms.v2 (SPEC §3).
+
+Only the original's fixed-offset multi-scale crop is written here (:class:`MultiScaleFixedCrop`); the rest is
+torchvision. Every random draw is made once per clip, so all T frames get the same crop and flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._utils import query_size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MultiScaleFixedCrop(v2.Transform):
+    """The original's ``GroupMultiScaleCrop`` crop (without its resize): one draw per call.
+
+    base = shorter side; crop height and width each ``int(base * s)`` for s in ``scales``, chosen with at
+    most ``max_distort`` steps between the two scale indices; sizes within 3 px of ``input_size`` snap to it.
+    The position is one of 13 fixed points on a grid of ``(W - w) // 4`` x ``(H - h) // 4`` steps: 4 corners,
+    centre, 4 edge centres, 4 quarter points.
+    """
+
+    def __init__(
+        self, input_size: int, scales: Sequence[float] = (1, 0.875, 0.75, 0.66), max_distort: int = 1
+    ) -> None:
+        super().__init__()
+        self.input_size = int(input_size)
+        self.scales = tuple(scales)
+        self.max_distort = int(max_distort)
+
+    def crop_candidates(self, height: int, width: int) -> list[tuple[int, int]]:
+        """All allowed ``(crop_h, crop_w)`` pairs for a ``height`` x ``width`` frame."""
+        base = min(height, width)
+        sizes = [int(base * s) for s in self.scales]
+        sizes = [self.input_size if abs(s - self.input_size) < 3 else s for s in sizes]
+        return [
+            (min(h, height), min(w, width))
+            for i, h in enumerate(sizes)
+            for j, w in enumerate(sizes)
+            if abs(i - j) <= self.max_distort
+        ]
+
+    @staticmethod
+    def fixed_offsets(height: int, width: int, crop_h: int, crop_w: int) -> list[tuple[int, int]]:
+        """The 13 fixed ``(top, left)`` positions."""
+        hs, ws = (height - crop_h) // 4, (width - crop_w) // 4
+        return [
+            (0, 0), (0, 4 * ws), (4 * hs, 0), (4 * hs, 4 * ws), (2 * hs, 2 * ws),  # corners, centre
+            (2 * hs, 0), (2 * hs, 4 * ws), (4 * hs, 2 * ws), (0, 2 * ws),  # edge centres
+            (hs, ws), (hs, 3 * ws), (3 * hs, ws), (3 * hs, 3 * ws),  # quarter points
+        ]  # fmt: skip
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = query_size(flat_inputs)
+        candidates = self.crop_candidates(height, width)
+        crop_h, crop_w = candidates[int(torch.randint(len(candidates), ()))]
+        offsets = self.fixed_offsets(height, width, crop_h, crop_w)
+        top, left = offsets[int(torch.randint(len(offsets), ()))]
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.crop, inpt, **params)
+
+
+class VideoTransform:
+    """The clip transform preset: uint8 ``[T, 3, H, W]`` -> float32 ``[T, 3, S, S]`` normalised.
+
+    - ``train and augment``: MultiScaleFixedCrop -> Resize((S, S)) bilinear -> RandomHorizontalFlip(0.5).
+    - otherwise (eval): Resize(shorter side S*256//224) -> CenterCrop(S).
+    - ``augment=False`` (pixel-exact data, e.g. synthetic): the eval transform for train and eval, and no
+      resampling at all when the frames are already S x S.
+    Then ToDtype(float32, scale=True) + Normalize(ImageNet mean/std).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 224,
+        train: bool = False,
+        augment: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        self.input_size, self.train, self.augment = int(input_size), bool(train), bool(augment)
+        size = self.input_size
+        if self.train and self.augment:
+            self.geometric = v2.Compose(
+                [
+                    MultiScaleFixedCrop(size),
+                    v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+                    v2.RandomHorizontalFlip(p=0.5),
+                ]
+            )
+        else:
+            self.geometric = v2.Compose(
+                [
+                    v2.Resize(size * 256 // 224, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+                    v2.CenterCrop(size),
+                ]
+            )
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        )
+
+    def __call__(self, video: torch.Tensor) -> torch.Tensor:
+        if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[1] != 3:
+            raise ValueError(
+                f"VideoTransform expects uint8 [T, 3, H, W], got {video.dtype} {tuple(video.shape)}"
+            )
+        clip = tv_tensors.Video(video)
+        exact = not self.augment and tuple(video.shape[-2:]) == (self.input_size, self.input_size)
+        if not exact:
+            clip = self.geometric(clip)
+        return self.normalize(clip).as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        mode = "train" if self.train and self.augment else "eval"
+        return f"VideoTransform({mode}, input_size={self.input_size}, augment={self.augment})"
