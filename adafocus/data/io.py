@@ -16,10 +16,11 @@ FRAME_TEMPLATES = ("image_{:05d}.jpg", "img_{:05d}.jpg")
 class VideoReadError(RuntimeError):
     """A video (or frame folder) that is missing or cannot be decoded; the message names the path."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"cannot read video {path}: {reason}")
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        # one-argument form: DataLoader re-raises worker exceptions as ``type(e)(message)``
+        super().__init__(str(path) if reason is None else f"cannot read video {path}: {reason}")
         self.path = str(path)
-        self.reason = reason
+        self.reason = "" if reason is None else reason
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -30,6 +31,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
