@@ -1,0 +1,536 @@
+"""AdaFocusV2+: budgeted early exit on the recurrent classifier's per-step logits (SPEC §5).
+
+No training: given every step's logits of a calibration set (training videos) and of an evaluation set,
+
+- confidence ``c_k`` per video and step: max softmax probability (``criterion="softmax"``, the paper) or the
+  max raw logit (``criterion="max_logit"``, the original code);
+- budget ``p``: target share of videos exiting at step k is ``q_k ∝ p^k``, k = 1..T, normalised;
+- thresholds on the calibration set: for k = 1..T-1, among videos not yet exited, sort ``c_k`` descending,
+  the top ``⌊n·q_k⌋`` exit at k and ``η_k`` is the confidence of the last of them (+inf if none);
+  ``η_T = -inf``;
+- evaluation: a video exits at the first k with ``c_k >= η_k``, is predicted by ``logits_k`` and costs
+  ``k · gflops / T``. Per p: mean GFLOPs per video and the dataset's metric (mAP or top-1, in %).
+
+Everything is vectorised over videos and budgets (loops only over the T steps and, for the metric, budgets).
+``q`` and ``⌊n·q_k⌋`` are computed in float32 exactly as the original code does, so with
+``criterion="max_logit"`` the exits (hence the numbers) equal the original algorithm's on the same logits;
+ties in confidence are broken by video index (stable sort).
+
+``run_early_exit(cfg)`` is the entry point of ``early_exit.py`` (Hydra config ``conf/early_exit.yaml``).
+``python -m adafocus.early_exit --bench`` times the algorithm on random logits of the Mini-Kinetics size.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+CRITERIA = ("softmax", "max_logit")
+DEFAULT_BUDGETS = [round(0.1 * i, 10) for i in range(5, 40)]  # 0.5, 0.6, ..., 3.9 (the original's sweep)
+METRIC_LABELS = {"map": "mAP (%)", "top1": "top-1 accuracy (%)"}
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# algorithm
+# ----------------------------------------------------------------------------------------------------
+def confidences(logits: torch.Tensor, criterion: str = "softmax") -> torch.Tensor:
+    """Per-step confidence. logits [N, T, C] -> [N, T] (float32)."""
+    if criterion == "softmax":
+        return F.softmax(logits.float(), dim=-1).amax(dim=-1)
+    if criterion == "max_logit":
+        return logits.float().amax(dim=-1)
+    raise ValueError(f"criterion={criterion!r}: expected one of {list(CRITERIA)}")
+
+
+def exit_fractions(p: float, num_steps: int) -> torch.Tensor:
+    """Target exit shares q_k ∝ p^k, k = 1..T, float32 [T] — computed as the original code computes them."""
+    if not p > 0:
+        raise ValueError(f"budget p={p!r} must be > 0")
+    p_t = torch.tensor([p], dtype=torch.float32)
+    q = torch.exp(torch.log(p_t) * torch.arange(1, num_steps + 1, dtype=torch.float32))  # (T,)
+    q /= q.sum()
+    q /= q.sum()  # the original normalises twice (once when building, once in the threshold search)
+    return q
+
+
+def exit_counts_target(budgets: list[float], num_videos: int, num_steps: int) -> torch.Tensor:
+    """⌊n·q_k⌋ per budget and step: long [P, T] (float32 product as in the original)."""
+    q = torch.stack([exit_fractions(p, num_steps) for p in budgets])  # (P, T) float32
+    return torch.floor(q * num_videos).long()
+
+
+def find_thresholds(calib_conf: torch.Tensor, budgets: list[float]) -> torch.Tensor:
+    """Thresholds η from calibration confidences [n, T] for each budget -> float32 [P, T].
+
+    For k < T: among videos not yet exited, the ⌊n·q_k⌋ most confident at step k exit; η_k = confidence of the
+    last of them (+inf if none). η_T = -inf.
+    """
+    n, t = calib_conf.shape
+    num_b = len(budgets)
+    out_n = exit_counts_target(budgets, n, t)  # (P, T)
+    # per step, videos in descending confidence (ties by index): (T, n)
+    sorted_conf, sorted_idx = torch.sort(calib_conf.t().contiguous(), dim=1, descending=True, stable=True)
+    remaining = torch.ones(num_b, n, dtype=torch.bool)  # (P, n), in video order
+    eta = torch.full((num_b, t), math.inf, dtype=torch.float32)
+    for k in range(t - 1):
+        idx = sorted_idx[k]  # (n,)
+        rem_sorted = remaining[:, idx]  # (P, n) in step-k confidence order
+        rank = rem_sorted.cumsum(dim=1)  # (P, n): 1-based rank among the remaining videos
+        want = out_n[:, k].contiguous()  # (P,)
+        if bool((want > rank[:, -1]).any()):  # cannot happen: Σ_k<T ⌊n·q_k⌋ < n
+            raise RuntimeError("early exit: more videos asked to exit than remain")
+        # position (in sorted order) of the want-th remaining video: first position where rank reaches want
+        pos = torch.searchsorted(rank, want.unsqueeze(1).contiguous()).squeeze(1).clamp(max=n - 1)  # (P,)
+        has = want > 0
+        eta[:, k] = torch.where(has, sorted_conf[k, pos], torch.full_like(eta[:, k], math.inf))
+        exit_sorted = rem_sorted & (rank <= want.unsqueeze(1))  # (P, n) exactly `want` videos each
+        exited = torch.zeros_like(remaining)
+        exited[:, idx] = exit_sorted  # back to video order
+        remaining &= ~exited
+    eta[:, t - 1] = -math.inf
+    return eta
+
+
+def exit_steps(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """First step k (0-based) with c_k >= η_k. conf [N, T], thresholds [P, T] -> long [P, N]."""
+    n, t = conf.shape
+    ge = conf.unsqueeze(0) >= thresholds.unsqueeze(1)  # (P, N, T)
+    steps = torch.arange(t).expand_as(ge)
+    return torch.where(ge, steps, t).amin(dim=-1).clamp(max=t - 1)  # η_T = -inf: always exits by T
+
+
+def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """labels long [N, L] (-1 padded) -> long [N, C] multi-hot."""
+    target = torch.zeros(labels.shape[0], num_classes + 1, dtype=torch.long)
+    target.scatter_(1, torch.where(labels < 0, num_classes, labels), 1)  # padding goes to the extra column
+    return target[:, :num_classes]
+
+
+def video_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
+    """The dataset's metric in % for per-video logits [N, C] and labels [N, L] (-1 padded).
+
+    "map": SPEC §4 — softmax scores, per-class average precision against the multi-hot truth, mean over the
+    classes that have a positive (the others have no defined AP and are left out). "top1": accuracy of the
+    argmax against the video's first label.
+    """
+    num_classes = logits.shape[1]
+    if metric == "top1":
+        from torchmetrics.functional.classification import multiclass_accuracy
+
+        return 100.0 * float(
+            multiclass_accuracy(logits, labels[:, 0], num_classes=num_classes, average="micro", top_k=1)
+        )
+    if metric == "map":
+        try:
+            from adafocus.metrics import mean_average_precision
+        except ImportError:  # the framework's helper is not there yet: same semantics via torchmetrics
+            mean_average_precision = None
+        scores = F.softmax(logits.float(), dim=-1)
+        target = multi_hot(labels, num_classes)
+        if mean_average_precision is not None:
+            value = mean_average_precision(scores, target)
+            value = value[0] if isinstance(value, tuple) else value
+            return _as_percent(value)
+        from torchmetrics.functional.classification import multilabel_average_precision
+
+        keep = target.any(dim=0)  # classes with at least one positive
+        ap = multilabel_average_precision(
+            scores[:, keep], target[:, keep], num_labels=int(keep.sum()), average="macro", thresholds=None
+        )
+        return 100.0 * float(ap)
+    raise ValueError(f"metric={metric!r}: expected 'map' or 'top1'")
+
+
+def _as_percent(value: Any) -> float:
+    value = float(value)
+    return value * 100.0 if value <= 1.0 else value
+
+
+@dataclass
+class EarlyExitResult:
+    """Outcome of a budget sweep. Lists are per budget; ``exit_counts`` [P, T]: videos exiting per step."""
+
+    budgets: list[float]
+    gflops: list[float]
+    metric: list[float]
+    metric_name: str
+    criterion: str
+    thresholds: torch.Tensor
+    exit_counts: torch.Tensor
+    full_gflops: float  # no early exit: all T steps
+    full_metric: float
+    num_calib: int = 0
+    num_eval: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def rows(self) -> list[tuple[float, float, float]]:
+        return list(zip(self.budgets, self.gflops, self.metric, strict=True))
+
+
+def early_exit_sweep(
+    calib_logits: torch.Tensor,
+    eval_logits: torch.Tensor,
+    eval_labels: torch.Tensor,
+    gflops_per_video: float,
+    metric: str,
+    budgets: list[float] | None = None,
+    criterion: str = "softmax",
+) -> EarlyExitResult:
+    """Run SPEC §5 for every budget. calib_logits [n, T, C], eval_logits [N, T, C], eval_labels [N, L]."""
+    start = time.perf_counter()
+    budgets = list(DEFAULT_BUDGETS if budgets is None else budgets)
+    if not budgets:
+        raise ValueError("early exit: the list of budgets is empty")
+    if calib_logits.shape[1:] != eval_logits.shape[1:]:
+        raise ValueError(
+            f"calibration logits {list(calib_logits.shape)} and evaluation logits {list(eval_logits.shape)} "
+            "differ in T or C"
+        )
+    n_eval, t, c = eval_logits.shape
+    eval_logits = eval_logits.float()
+    thresholds = find_thresholds(confidences(calib_logits, criterion), budgets)  # (P, T)
+    steps = exit_steps(confidences(eval_logits, criterion), thresholds)  # (P, N)
+    exit_counts = F.one_hot(steps, t).sum(dim=1)  # (P, T)
+    mean_steps = (steps + 1).double().mean(dim=1)  # (P,)
+    gflops = (mean_steps * (float(gflops_per_video) / t)).tolist()
+    rows = torch.arange(n_eval)
+    values = [video_metric(eval_logits[rows, steps[i]], eval_labels, metric) for i in range(len(budgets))]
+    full_metric = video_metric(eval_logits[:, -1], eval_labels, metric)
+    return EarlyExitResult(
+        budgets=[float(b) for b in budgets],
+        gflops=gflops,
+        metric=values,
+        metric_name=metric,
+        criterion=criterion,
+        thresholds=thresholds,
+        exit_counts=exit_counts,
+        full_gflops=float(gflops_per_video),
+        full_metric=full_metric,
+        num_calib=int(calib_logits.shape[0]),
+        num_eval=n_eval,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# outputs: CSV, plot, table
+# ----------------------------------------------------------------------------------------------------
+def write_csv(result: EarlyExitResult, path: str | os.PathLike) -> Path:
+    """early_exit.csv: header p,gflops,metric, one row per budget; written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["p", "gflops", "metric"])
+            for p, g, m in result.rows():
+                w.writerow([f"{p:g}", f"{g:.6f}", f"{m:.6f}"])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def make_plot(result: EarlyExitResult, title: str | None = None):
+    """matplotlib Figure (Agg canvas, no pyplot state): metric vs GFLOPs/video, no-exit point marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(result.gflops, result.metric, "o-", ms=3.5, lw=1.4, label=f"AdaFocusV2+ ({result.criterion})")
+    t = result.thresholds.shape[1]
+    ax.plot(
+        [result.full_gflops],
+        [result.full_metric],
+        "r*",
+        ms=13,
+        label=f"no early exit (all {t} steps)",
+        zorder=5,
+    )
+    ax.set_xlabel("GFLOPs / video")
+    ax.set_ylabel(METRIC_LABELS.get(result.metric_name, result.metric_name))
+    ax.set_title(title or "Early exit: accuracy vs. budget")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def save_plot(result: EarlyExitResult, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write the plot as PNG atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = make_plot(result, title)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def make_table(result: EarlyExitResult, title: str | None = None):
+    """rich Table of the sweep (plus the no-exit row)."""
+    from rich.table import Table
+
+    name = METRIC_LABELS.get(result.metric_name, result.metric_name)
+    table = Table(title=title or f"AdaFocusV2+ early exit ({result.criterion})")
+    table.add_column("p", justify="right")
+    table.add_column("GFLOPs / video", justify="right")
+    table.add_column(name, justify="right")
+    for p, g, m in result.rows():
+        table.add_row(f"{p:g}", f"{g:.3f}", f"{m:.2f}")
+    table.add_section()
+    table.add_row("no exit", f"{result.full_gflops:.3f}", f"{result.full_metric:.2f}", style="bold")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------
+# config helpers and the CLI entry point
+# ----------------------------------------------------------------------------------------------------
+def budgets_from_cfg(cfg) -> list[float]:
+    """cfg.budgets (explicit list) if set, else budget_start..budget_stop (inclusive) by budget_step."""
+    explicit = cfg.get("budgets")
+    if explicit is not None:
+        if isinstance(explicit, (int, float)):
+            explicit = [explicit]
+        try:
+            values = [float(b) for b in explicit]
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"budgets={explicit!r}: expected a list of numbers, e.g. budgets=[0.5,1.0,2.0]"
+            ) from e
+    else:
+        start, stop, step = (float(cfg.get(k)) for k in ("budget_start", "budget_stop", "budget_step"))
+        if not step > 0 or stop < start:
+            raise ValueError(
+                f"budget_start={start}, budget_stop={stop}, budget_step={step}: "
+                "expected budget_step > 0 and budget_stop >= budget_start"
+            )
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        values = [round(start + i * step, 10) for i in range(count)]
+    bad = [b for b in values if not b > 0]
+    if bad or not values:
+        raise ValueError(f"budgets {values}: every budget p must be > 0 and there must be at least one")
+    return values
+
+
+def _output_dir(cfg) -> Path:
+    out = cfg.get("output_dir")
+    if out:
+        return Path(out)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return Path.cwd()
+
+
+def _dataset_overridden() -> bool:
+    """True when the user chose the dataset on the command line (then files are checked against it)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return any(o.split("=", 1)[0].lstrip("+~") == "dataset" for o in HydraConfig.get().overrides.task)
+    except Exception:
+        return False
+
+
+def _logger_choice(cfg) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("logger")
+        if choice:
+            return str(choice)
+    except Exception:
+        pass
+    node = cfg.get("logger")
+    return str(node) if node is not None else ""
+
+
+def _predictions(cfg, which: str, out_dir: Path, expect: dict) -> tuple[dict, str]:
+    """Load ``{which}_predictions`` or compute them with the framework and keep a copy in the output dir."""
+    from adafocus.predictions import load_predictions, save_predictions
+
+    given = cfg.get(f"{which}_predictions")
+    if given:
+        return load_predictions(given, **expect), str(given)
+    if not cfg.get("ckpt_path"):
+        raise ValueError(
+            f"early exit needs {which} predictions: give ckpt_path=FILE (a trained checkpoint; predictions "
+            "are "
+            f"computed) or {which}_predictions=FILE (a prediction file from evaluate.py predictions_out=FILE)"
+        )
+    from adafocus import pipeline
+
+    if which == "calib":
+        split, limit = cfg.get("calib_split", "train"), cfg.get("calib_size")
+    else:
+        split, limit = cfg.get("eval_split", "val"), cfg.get("eval_size")
+    log.info("computing %s predictions on split %r (limit=%s) with %s", which, split, limit, cfg.ckpt_path)
+    preds = pipeline.compute_predictions(cfg, split=split, limit=limit)
+    path = save_predictions(out_dir / f"{which}_predictions.pt", preds)
+    return load_predictions(path, **expect), str(path)
+
+
+def run_early_exit(cfg) -> dict:
+    """Entry point of ``early_exit.py``: predictions (given or computed) -> sweep -> CSV, PNG, table, W&B."""
+    from rich.console import Console
+
+    from adafocus.predictions import check_compatible
+
+    criterion = str(cfg.get("criterion", "softmax"))
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}: expected one of {list(CRITERIA)} (softmax = paper)")
+    budgets = budgets_from_cfg(cfg)
+    out_dir = _output_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    expect: dict[str, Any] = {}
+    if _dataset_overridden():
+        expect = {"num_classes": int(cfg.dataset.num_classes), "metric": str(cfg.dataset.metric)}
+    calib, calib_src = _predictions(cfg, "calib", out_dir, expect)
+    evals, eval_src = _predictions(cfg, "eval", out_dir, expect)
+    check_compatible(calib, evals, calib_src, eval_src)
+
+    result = early_exit_sweep(
+        calib["logits"],
+        evals["logits"],
+        evals["labels"],
+        gflops_per_video=evals["gflops_per_video"],
+        metric=evals["metric"],
+        budgets=budgets,
+        criterion=criterion,
+    )
+    title = (
+        f"{evals['dataset']}: AdaFocusV2+ ({criterion}), {result.num_calib} calibration / "
+        f"{result.num_eval} evaluation videos"
+    )
+    csv_path = write_csv(result, out_dir / "early_exit.csv")
+    png_path = save_plot(
+        result, out_dir / "early_exit.png", title=f"{evals['dataset']}: AdaFocusV2+ ({criterion})"
+    )
+    console = Console()
+    console.print(make_table(result, title=title))
+    console.print(
+        f"sweep of {len(budgets)} budgets took {result.seconds:.2f} s; wrote {csv_path} and {png_path}"
+    )
+    if "wandb" in _logger_choice(cfg).lower():
+        _log_wandb(cfg, result, png_path)
+    return {
+        "rows": [{"p": p, "gflops": g, "metric": m} for p, g, m in result.rows()],
+        "no_exit": {"gflops": result.full_gflops, "metric": result.full_metric},
+        "metric_name": result.metric_name,
+        "criterion": criterion,
+        "csv": str(csv_path),
+        "plot": str(png_path),
+        "calib_predictions": calib_src,
+        "eval_predictions": eval_src,
+        "seconds": result.seconds,
+    }
+
+
+def _log_wandb(cfg, result: EarlyExitResult, png_path: Path) -> None:
+    """Log the table and the plot to W&B (online with credentials, otherwise offline)."""
+    import wandb
+
+    logger_cfg = cfg.get("logger") or {}
+    get = logger_cfg.get if hasattr(logger_cfg, "get") else (lambda k, d=None: d)
+    online = bool(os.environ.get("WANDB_API_KEY")) or _has_netrc_wandb()
+    mode = os.environ.get("WANDB_MODE") or ("online" if online else "offline")
+    from omegaconf import OmegaConf
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        config = OmegaConf.to_container(cfg, resolve=False)
+    run = wandb.init(
+        project=get("project", None) or "adafocus",
+        entity=get("entity", None),
+        group=get("group", None),
+        job_type="early_exit",
+        dir=str(_output_dir(cfg)),
+        mode=mode,
+        config=config,
+    )
+    table = wandb.Table(columns=["p", "gflops", "metric"], data=[list(r) for r in result.rows()])
+    run.log(
+        {
+            "early_exit/table": table,
+            "early_exit/plot": wandb.Image(str(png_path)),
+            "early_exit/curve": wandb.plot.line(table, "gflops", "metric", title="metric vs GFLOPs/video"),
+            "early_exit/no_exit_gflops": result.full_gflops,
+            "early_exit/no_exit_metric": result.full_metric,
+        }
+    )
+    run_dir = run.dir
+    run.finish()
+    if mode == "offline":
+        print(f"W&B offline (no credentials): sync later with `wandb sync {Path(run_dir).parent}`")
+
+
+def _has_netrc_wandb() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# benchmark: python -m adafocus.early_exit --bench
+# ----------------------------------------------------------------------------------------------------
+def benchmark(
+    num_calib: int = 20000, num_eval: int = 5000, num_steps: int = 16, num_classes: int = 200, seed: int = 0
+) -> dict:
+    """Time the full sweep (35 default budgets, both metrics) on random logits of the given size."""
+    g = torch.Generator().manual_seed(seed)
+    calib = torch.randn(num_calib, num_steps, num_classes, generator=g) * 3
+    evals = torch.randn(num_eval, num_steps, num_classes, generator=g) * 3
+    labels = torch.randint(0, num_classes, (num_eval, 1), generator=g)
+    times = {}
+    for metric in ("top1", "map"):
+        for criterion in CRITERIA:
+            start = time.perf_counter()
+            early_exit_sweep(calib, evals, labels, 26.96, metric, DEFAULT_BUDGETS, criterion)
+            times[f"{metric}/{criterion}"] = time.perf_counter() - start
+    return times
+
+
+if __name__ == "__main__":  # pragma: no cover - manual benchmark
+    import argparse
+
+    parser = argparse.ArgumentParser(description="AdaFocusV2+ early-exit algorithm benchmark")
+    parser.add_argument("--bench", action="store_true", help="time 20000 calib + 5000 eval, T=16, C=200")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.bench:
+        for key, seconds in benchmark().items():
+            print(f"{key:>20s}: {seconds:6.2f} s for {len(DEFAULT_BUDGETS)} budgets")
+    else:
+        parser.print_help()
