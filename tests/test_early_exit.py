@@ -260,8 +260,9 @@ def _prediction_file(path, n, t, c, seed, metric="top1", dataset="synthetic", gf
     return path
 
 
-def _run_cli(tmp_path, *overrides):
-    env = dict(os.environ, HYDRA_FULL_ERROR="1", WANDB_MODE="disabled")
+def _run_cli(tmp_path, *overrides, wandb_mode="disabled"):
+    env = dict(os.environ, HYDRA_FULL_ERROR="1", WANDB_MODE=wandb_mode, WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
     return subprocess.run(
         [sys.executable, str(REPO / "early_exit.py"), f"hydra.run.dir={tmp_path / 'out'}", *overrides],
         cwd=tmp_path,
@@ -299,13 +300,22 @@ def test_cli_on_prediction_files(tmp_path):
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
     assert "no exit" in proc.stdout and "GFLOPs" in proc.stdout
 
-    # explicit budgets, the paper's criterion
+    # explicit budgets, the paper's criterion, W&B (offline: no credentials) gets the table and the plot
     proc = _run_cli(
-        tmp_path, f"calib_predictions={calib}", f"eval_predictions={evals}", "budgets=[0.5,1,2]", "logger=csv"
+        tmp_path,
+        f"calib_predictions={calib}",
+        f"eval_predictions={evals}",
+        "budgets=[0.5,1,2]",
+        "logger=wandb",
+        wandb_mode="offline",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(tmp_path / "out" / "early_exit.csv") as f:
         assert [r["p"] for r in csv.DictReader(f)] == ["0.5", "1", "2"]
+    assert "wandb sync" in proc.stdout
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    assert list((run_dir / "files" / "media" / "images" / "early_exit").glob("plot_*.png"))
+    assert list((run_dir / "files" / "media" / "table" / "early_exit").glob("table_*.table.json"))
 
 
 def test_cli_rejects_mismatched_files(tmp_path):
