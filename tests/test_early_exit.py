@@ -40,7 +40,7 @@ def one_hot_logits(conf: list[list[float]], cls: list[list[int]], num_classes: i
     return logits
 
 
-# ---- hand-made example: n = 4 calibration videos, T = 3, C = 3, criterion max_logit -----------------------------
+# ---- hand-made example: n = 4 calibration videos, T = 3, C = 3, criterion max_logit ----
 # calibration max logits c_k (rows = videos, columns = steps 1..3)
 CALIB_CONF = [
     [5.0, 1.0, 0.5],  # v0
@@ -125,7 +125,7 @@ def test_ties_break_by_video_index():
     assert steps.tolist() == [[0, 1]]
 
 
-# ---- the ORIGINAL algorithm, per video, as the original code runs it (SPEC §5, max-logit confidence) ----------
+# ---- the ORIGINAL algorithm, per video, as the original code runs it (SPEC §5, max-logit confidence) ----
 def original_early_exit(calib_logits, eval_logits, eval_targets, budgets, gflops_total):
     """Per-video loops: thresholds on the calibration set, then each evaluation video walks the steps.
 
@@ -138,7 +138,9 @@ def original_early_exit(calib_logits, eval_logits, eval_targets, budgets, gflops
     flops_exits = [(k + 1) * gflops_total / t for k in range(t)]
     results = []
     for p in budgets:
-        probs = torch.exp(torch.log(torch.FloatTensor(1).fill_(p)) * torch.arange(1, t + 1, dtype=torch.float32))
+        probs = torch.exp(
+            torch.log(torch.FloatTensor(1).fill_(p)) * torch.arange(1, t + 1, dtype=torch.float32)
+        )
         probs /= probs.sum()
         probs /= probs.sum()
         filtered = [False] * n
@@ -224,7 +226,9 @@ def test_budgets_from_cfg():
     cfg = OmegaConf.create({"budgets": None, "budget_start": 0.5, "budget_stop": 3.9, "budget_step": 0.1})
     assert budgets_from_cfg(cfg) == DEFAULT_BUDGETS and len(DEFAULT_BUDGETS) == 35
     assert budgets_from_cfg(OmegaConf.merge(cfg, {"budgets": [1, 2.5]})) == [1.0, 2.5]
-    assert budgets_from_cfg(OmegaConf.merge(cfg, {"budget_start": 1.0, "budget_stop": 2.0, "budget_step": 0.5})) == [
+    assert budgets_from_cfg(
+        OmegaConf.merge(cfg, {"budget_start": 1.0, "budget_stop": 2.0, "budget_step": 0.5})
+    ) == [
         1.0,
         1.5,
         2.0,
@@ -235,14 +239,14 @@ def test_budgets_from_cfg():
         budgets_from_cfg(OmegaConf.merge(cfg, {"budget_step": 0}))
 
 
-# ---- CLI end to end on prediction files --------------------------------------------------------------------------
+# ---- CLI end to end on prediction files ----
 def _prediction_file(path, n, t, c, seed, metric="top1", dataset="synthetic", gflops=4.0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, c, (n, 1), generator=g)
     # a classifier that gets more accurate with more steps
-    signal = torch.nn.functional.one_hot(labels[:, 0], c).float().unsqueeze(1) * torch.linspace(0.5, 4, t).view(
-        1, t, 1
-    )
+    signal = torch.nn.functional.one_hot(labels[:, 0], c).float().unsqueeze(1) * torch.linspace(
+        0.5, 4, t
+    ).view(1, t, 1)
     logits = torch.randn(n, t, c, generator=g) + signal
     save_predictions(
         path,
@@ -277,7 +281,11 @@ def test_cli_on_prediction_files(tmp_path):
     calib = _prediction_file(tmp_path / "calib.pt", 400, 4, 5, seed=0)
     evals = _prediction_file(tmp_path / "eval.pt", 150, 4, 5, seed=1)
     proc = _run_cli(
-        tmp_path, f"calib_predictions={calib}", f"eval_predictions={evals}", "criterion=max_logit", "logger=csv"
+        tmp_path,
+        f"calib_predictions={calib}",
+        f"eval_predictions={evals}",
+        "criterion=max_logit",
+        "logger=csv",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = tmp_path / "out"

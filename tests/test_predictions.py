@@ -1,4 +1,4 @@
-"""Prediction files: layout round trip, atomic write, and bad files rejected with a message naming file and field."""
+"""Prediction files: layout round trip, atomic write, bad files rejected naming the file and the field."""
 
 from __future__ import annotations
 
@@ -47,7 +47,10 @@ def test_round_trip_weights_only(tmp_path):
     "changes, message",
     [
         ({"logits": torch.randn(6, 5)}, "'logits' has shape [6, 5], expected [N, T, C]"),
-        ({"labels": torch.zeros(5, 1, dtype=torch.long)}, "'labels' has shape [5, 1], expected [N, L] with N = 6"),
+        (
+            {"labels": torch.zeros(5, 1, dtype=torch.long)},
+            "'labels' has shape [5, 1], expected [N, L] with N = 6",
+        ),
         ({"labels": torch.full((6, 1), 7)}, "'labels' values must be in [0, 4]"),
         ({"labels": torch.full((6, 1), -1)}, "have no label"),
         ({"num_classes": 4}, "'num_classes' is 4 but 'logits' has C = 5"),
@@ -66,9 +69,13 @@ def test_bad_predictions_rejected_on_save(tmp_path, changes, message):
 
 def test_bad_files_rejected_on_load(tmp_path):
     good = save_predictions(tmp_path / "good.pt", make_preds())
-    with pytest.raises(PredictionFileError, match=r"good\.pt: has 5 classes, but the dataset config expects 200"):
+    with pytest.raises(
+        PredictionFileError, match=r"good\.pt: has 5 classes, but the dataset config expects 200"
+    ):
         load_predictions(good, num_classes=200)
-    with pytest.raises(PredictionFileError, match=r"good\.pt: 'metric' is 'top1', but the dataset config uses 'map'"):
+    with pytest.raises(
+        PredictionFileError, match=r"good\.pt: 'metric' is 'top1', but the dataset config uses 'map'"
+    ):
         load_predictions(good, metric="map")
     # files written by hand with a wrong layout
     bad = tmp_path / "wrong_shape.pt"
@@ -90,7 +97,9 @@ def test_bad_files_rejected_on_load(tmp_path):
 
 def test_calibration_and_evaluation_must_agree():
     calib = make_preds(t=4, c=5)
-    with pytest.raises(PredictionFileError, match=r"calibration file c\.pt has T = 4 .* evaluation file e\.pt"):
+    with pytest.raises(
+        PredictionFileError, match=r"calibration file c\.pt has T = 4 .* evaluation file e\.pt"
+    ):
         check_compatible(calib, make_preds(t=8, c=5), "c.pt", "e.pt")
     with pytest.raises(PredictionFileError, match=r"C = 5 classes but evaluation file e\.pt has C = 7"):
         check_compatible(calib, make_preds(t=4, c=7), "c.pt", "e.pt")
