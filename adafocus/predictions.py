@@ -154,6 +154,29 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+def make_predictions(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    paths: list[str],
+    gflops_per_video: float,
+    metric: str,
+    dataset: str,
+    config: Any = None,
+) -> dict:
+    """Assemble and validate a prediction dict; a DictConfig ``config`` is stored as plain containers."""
+    preds = {
+        "logits": logits,
+        "labels": labels,
+        "paths": list(paths),
+        "gflops_per_video": float(gflops_per_video),
+        "num_classes": int(logits.shape[-1]),
+        "metric": metric,
+        "dataset": dataset,
+        "config": _plain(config if config is not None else {}),
+    }
+    return validate_predictions(preds, source="predictions")
+
+
 def save_predictions(path: str | os.PathLike, preds: dict) -> Path:
     """Validate ``preds`` and write it to ``path`` atomically (temp file in the same folder + os.replace)."""
     path = Path(path)

@@ -12,6 +12,7 @@ from adafocus.predictions import (
     PredictionFileError,
     check_compatible,
     load_predictions,
+    make_predictions,
     save_predictions,
 )
 
@@ -108,3 +109,17 @@ def test_calibration_and_evaluation_must_agree():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_compatible(calib, make_preds(n=9), "c.pt", "e.pt")
+
+
+def test_make_predictions(tmp_path):
+    cfg = OmegaConf.create({"a": 1, "b": "${a}"})
+    preds = make_predictions(
+        torch.randn(3, 2, 4), torch.tensor([[0], [1], [3]]), ("x", "y", "z"), 1.5, "map", "actnet", cfg
+    )
+    assert (
+        preds["num_classes"] == 4
+        and preds["config"] == {"a": 1, "b": 1}
+        and preds["paths"] == ["x", "y", "z"]
+    )
+    loaded = load_predictions(save_predictions(tmp_path / "p.pt", preds), num_classes=4, metric="map")
+    assert torch.equal(loaded["logits"], preds["logits"])
