@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,118 @@ def test_denormalize_and_examples(tmp_path):
             assert img.format == "PNG"
         with Image.open(gif) as img:
             assert img.n_frames == T
+
+
+# ---- the Lightning callback ----
+class TinyFocusNet(torch.nn.Module):
+    """A small real network with the AdaFocusV2 output contract: logits [B, T, C] and actions [B, T, 2]."""
+
+    def __init__(self, num_classes=3, patch_size=P):
+        super().__init__()
+        self.patch_size = patch_size
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4)
+        self.policy = torch.nn.Linear(4, 2)
+        self.head = torch.nn.Linear(4, num_classes)
+
+    def forward(self, video):
+        from types import SimpleNamespace
+
+        b, t = video.shape[:2]
+        feat = self.conv(video.flatten(0, 1)).mean(dim=(2, 3)).view(b, t, -1)  # (B, T, 4)
+        return SimpleNamespace(
+            logits=self.head(feat).cummax(dim=1).values, actions=torch.sigmoid(self.policy(feat))
+        )
+
+
+def _module_and_data(n=6):
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = TinyFocusNet()
+
+        def training_step(self, batch, batch_idx):
+            out = self.model(batch["video"])
+            return torch.nn.functional.cross_entropy(out.logits[:, -1], batch["label"])
+
+        def validation_step(self, batch, batch_idx):
+            out = self.model(batch["video"])
+            self.log("val_loss", torch.nn.functional.cross_entropy(out.logits[:, -1], batch["label"]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    items = [
+        {
+            "video": torch.randn(T, 3, H, W, generator=g),
+            "label": torch.tensor(i % 3),
+            "labels": torch.tensor([i % 3, -1]),
+            "index": i,
+        }
+        for i in range(n)
+    ]
+    loader = torch.utils.data.DataLoader(items, batch_size=4)
+    return Module(), loader
+
+
+def _trainer(tmp_path, loggers, callback, epochs=2):
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=loggers,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=1,
+        default_root_dir=tmp_path,
+    )
+
+
+def test_callback_logs_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from adafocus.visualize import FocusVisualizationCallback
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    module, loader = _module_and_data()
+    tb = TensorBoardLogger(tmp_path / "tb", name="run")
+    wb = WandbLogger(project="adafocus-test", save_dir=str(tmp_path), offline=True)
+    callback = FocusVisualizationCallback(every_n_epochs=2, num_videos=3)
+    trainer = _trainer(tmp_path, [CSVLogger(tmp_path / "csv"), tb, wb], callback, epochs=2)
+    trainer.fit(module, loader, loader)
+    run_dir = Path(wb.experiment.dir)
+    wb.experiment.finish()
+    assert callback.last_logged_epoch == 1  # every 2 epochs: only after the second (epoch index 1)
+    assert callback._batch["video"].shape == (3, T, 3, H, W)  # the fixed batch: first 3 validation videos
+
+    acc = EventAccumulator(str(tb.log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(acc.Tags()["images"]) == ["focus/video_0", "focus/video_1", "focus/video_2"]
+    (event,) = acc.Images("focus/video_0")
+    assert event.width > 4 * 100 and event.height > 100
+    images = list((run_dir / "media" / "images" / "focus").glob("videos_*.png"))
+    assert len(images) == 3
+    with Image.open(images[0]) as img:
+        assert img.size[0] > 4 * 100
+
+
+def test_callback_without_image_loggers_does_nothing(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    from adafocus.visualize import FocusVisualizationCallback
+
+    module, loader = _module_and_data()
+    callback = FocusVisualizationCallback(every_n_epochs=1, num_videos=2)
+    _trainer(tmp_path, [CSVLogger(tmp_path / "csv")], callback, epochs=1).fit(module, loader, loader)
+    assert callback.last_logged_epoch is None and callback._batch is None
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        FocusVisualizationCallback(every_n_epochs=0)
