@@ -1,0 +1,207 @@
+"""AdaFocusV2 (CVPR 2022): glance, policy, differentiable focus, recurrent classifier (SPEC §1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from adafocus.models.backbones import build_trunk, get_backbone
+from adafocus.models.classifier import RecurrentPoolingClassifier
+from adafocus.models.glance import GlanceNetwork
+from adafocus.models.patch import PatchExtractor
+from adafocus.models.policy import PolicyNetwork
+
+POLICIES = ("learned", "random", "center")
+
+
+@dataclass
+class GlanceOutput:
+    feature_map: torch.Tensor  # [B, T, Cg, h, w]
+    features: torch.Tensor  # [B, T, Cg] (spatial mean)
+    global_logits: torch.Tensor  # [B, T, C]
+
+
+@dataclass
+class AdaFocusOutput:
+    logits: torch.Tensor  # [B, T, C] per-step classifier logits; the prediction is logits[:, -1]
+    global_logits: torch.Tensor  # [B, T, C] glance head
+    local_logits: torch.Tensor  # [B, T, C] focus head
+    actions: torch.Tensor  # [B, T, 2] patch positions (row, col) in [0, 1]
+
+
+class AdaFocusV2(nn.Module):
+    """The whole network: ``model(video)`` with ``video`` float ``[B, T, 3, H, W]`` (normalised, frames in
+    processing order) -> :class:`AdaFocusOutput`.
+
+    Parts (attribute names): ``glance`` (GlanceNetwork), ``glance_head``, ``policy`` (PolicyNetwork),
+    ``patch_extractor`` (PatchExtractor), ``focus`` (trunk), ``local_head``, ``classifier``
+    (RecurrentPoolingClassifier). Training glances once and focuses twice::
+
+        g = model.run_glance(video)
+        learned, random = model.run_focus(video, g, "learned"), model.run_focus(video, g, "random")
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        glance_arch: str = "mbv2",
+        focus_arch: str = "res50",
+        patch_size: int = 128,
+        num_frames: int = 16,
+        input_size: int = 224,
+        stn_hidden_dim: int = 2048,
+        dropout: float = 0.2,
+        fc_dropout: float = 0.2,
+        pretrained: bool = True,
+        glance_ckpt: str | None = None,
+        glance_size: int | None = None,
+        classifier_dim: int = 4096,
+    ):
+        super().__init__()
+        if not 0 < patch_size < input_size:
+            raise ValueError(f"patch_size must be in (0, input_size={input_size}), got {patch_size}")
+        self.num_classes = num_classes
+        self.num_frames = num_frames
+        self.input_size = input_size
+        self.patch_size = patch_size
+
+        glance_spec, focus_spec = get_backbone(glance_arch), get_backbone(focus_arch)
+        resize = glance_size if glance_size is not None else glance_spec.resize
+        self.glance = GlanceNetwork(
+            build_trunk(glance_arch, pretrained), glance_spec.dim, resize, glance_spec.resize_mode
+        )
+        if glance_ckpt is not None:
+            load_glance_checkpoint(self.glance.trunk, glance_ckpt)
+        self.glance_head = nn.Sequential(nn.Dropout(fc_dropout), nn.Linear(glance_spec.dim, num_classes))
+        with torch.no_grad():  # the glance map's spatial size, for the policy's Linear
+            probe = self.glance.eval()(torch.zeros(1, 3, input_size, input_size))
+        self.glance.train()
+        self.policy = PolicyNetwork(glance_spec.dim, tuple(probe.shape[-2:]), stn_hidden_dim)
+        self.patch_extractor = PatchExtractor(patch_size)
+        self.focus = build_trunk(focus_arch, pretrained)
+        self.local_head = nn.Sequential(nn.Dropout(fc_dropout), nn.Linear(focus_spec.dim, num_classes))
+        self.classifier = RecurrentPoolingClassifier(
+            glance_spec.dim + focus_spec.dim, num_classes, num_frames, classifier_dim, dropout
+        )
+
+    # ---- forward ----
+    def check_input(self, video: torch.Tensor) -> None:
+        expected = (self.num_frames, 3, self.input_size, self.input_size)
+        if video.dim() != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(
+                f"AdaFocusV2 expects video [B, {', '.join(map(str, expected))}] "
+                f"(num_frames={self.num_frames}, input_size={self.input_size}), got {list(video.shape)}"
+            )
+        if not torch.isfinite(video).all():
+            raise ValueError("AdaFocusV2 input contains NaN or Inf values")
+
+    def run_glance(self, video: torch.Tensor) -> GlanceOutput:
+        """``video [B, T, 3, H, W]`` -> glance map, global features and glance logits."""
+        self.check_input(video)
+        b, t = video.shape[:2]
+        fmap = self.glance(video.flatten(0, 1))  # (B*T, Cg, h, w)
+        features = fmap.mean(dim=(2, 3))  # (B*T, Cg)
+        logits = self.glance_head(features)  # (B*T, C)
+        return GlanceOutput(fmap.view(b, t, *fmap.shape[1:]), features.view(b, t, -1), logits.view(b, t, -1))
+
+    def actions(self, glance: GlanceOutput, policy: str = "learned") -> torch.Tensor:
+        """Patch positions ``[B, T, 2]`` for ``policy`` in learned / random / center."""
+        fmap = glance.feature_map
+        b, t = fmap.shape[:2]
+        if policy == "learned":
+            return self.policy(fmap.detach())  # stop-gradient: the policy never trains the glance
+        if policy == "random":
+            return torch.rand(b, t, 2, device=fmap.device, dtype=fmap.dtype)
+        if policy == "center":
+            return fmap.new_full((b, t, 2), 0.5)
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+
+    def run_focus(self, video: torch.Tensor, glance: GlanceOutput, policy: str = "learned") -> AdaFocusOutput:
+        """Focus on the patches chosen by ``policy`` and classify every step."""
+        b, t = video.shape[:2]
+        actions = self.actions(glance, policy)  # (B, T, 2)
+        patches = self.patch_extractor(video.flatten(0, 1), actions.flatten(0, 1))  # (B*T, 3, P, P)
+        local = self.focus(patches).mean(dim=(2, 3))  # (B*T, Cf)
+        local_logits = self.local_head(local).view(b, t, -1)  # (B, T, C)
+        fused = torch.cat([glance.features, local.view(b, t, -1)], dim=-1)  # (B, T, Cg + Cf)
+        logits = self.classifier(fused)  # (B, T, C)
+        return AdaFocusOutput(logits, glance.global_logits, local_logits, actions)
+
+    def forward(self, video: torch.Tensor, policy: str = "learned") -> AdaFocusOutput:
+        return self.run_focus(video, self.run_glance(video), policy)
+
+    # ---- bookkeeping ----
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The four learning-rate groups of SPEC §2; every parameter is in exactly one."""
+        groups = {
+            "policy": list(self.policy.parameters()),
+            "glance": [*self.glance.parameters(), *self.glance_head.parameters()],
+            "focus": [*self.focus.parameters(), *self.local_head.parameters()],
+            "classifier": list(self.classifier.parameters()),
+        }
+        seen = [id(p) for ps in groups.values() for p in ps]
+        if len(seen) != len(set(seen)) or set(seen) != {id(p) for p in self.parameters()}:
+            raise RuntimeError("AdaFocusV2.param_groups does not cover every parameter exactly once")
+        return groups
+
+    def flop_counts(self) -> dict[str, float]:
+        """Multiply-accumulates (G) per video of one eval forward, per part and in total."""
+        device = next(self.parameters()).device
+        video = torch.zeros(1, self.num_frames, 3, self.input_size, self.input_size, device=device)
+        was_training = self.training
+        self.eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            self(video)
+        self.train(was_training)
+        per_module = counter.get_flop_counts()
+        parts = {
+            "glance": ["glance", "glance_head"],
+            "policy": ["policy", "patch_extractor"],
+            "focus": ["focus", "local_head"],
+            "classifier": ["classifier"],
+        }
+        root = type(self).__name__
+        out = {
+            part: sum(sum(per_module.get(f"{root}.{name}", {}).values()) for name in names) / 2e9
+            for part, names in parts.items()
+        }
+        out["total"] = counter.get_total_flops() / 2e9
+        return out
+
+    def gflops(self) -> float:
+        """GFLOPs per video as the paper counts them: multiply-accumulates (G), ``FlopCounterMode`` / 2."""
+        return self.flop_counts()["total"]
+
+    @classmethod
+    def from_official_checkpoint(cls, path: str | Path, **kwargs) -> AdaFocusV2:
+        """Build the model and load a published AdaFocusV2 ``.pth.tar`` (SPEC §6); see :mod:`.official`."""
+        from adafocus.models.official import load_official_checkpoint
+
+        return load_official_checkpoint(cls, path, **kwargs)
+
+
+def load_glance_checkpoint(trunk: nn.Module, path: str | Path) -> None:
+    """Initialise a ResNet glance trunk from a torchvision-named state dict file (the 96 px ResNet-50)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {
+        k.removeprefix("module."): v
+        for k, v in state.items()
+        if not k.removeprefix("module.").startswith("fc.")
+    }
+    own = trunk.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"glance_ckpt {path} does not match the glance trunk: missing {missing[:10]} ({len(missing)}), "
+            f"unexpected {unexpected[:10]} ({len(unexpected)}), shape-mismatched {mismatched[:10]}"
+        )
+    trunk.load_state_dict(state)
