@@ -110,6 +110,9 @@ class VideoDataModule(pl.LightningDataModule):
         self._entries: dict[str, list[VideoEntry]] = {}
         self._eval_datasets: dict[str, VideoClipDataset] = {}
         self._train_epoch_size = 0
+        # evaluate.py / early_exit.py: what val_dataloader() serves (split, seeded subset size)
+        self.eval_split: str = "val"
+        self.eval_limit: int | None = None
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -219,6 +222,8 @@ class VideoDataModule(pl.LightningDataModule):
         return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:
+        if self.eval_split != "val" or self.eval_limit is not None:
+            return self.eval_dataloader(self.eval_split, self.eval_limit, self.seed)
         if self.val_dataset is None:
             raise RuntimeError("VideoDataModule.setup() must run before val_dataloader()")
         self._eval_datasets["val"] = self.val_dataset

@@ -1,0 +1,15 @@
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=FILE [policy=learned|random|center] [dataset=... data_dir=...]`."""
+
+import hydra
+from omegaconf import DictConfig
+
+from adafocus.pipeline import evaluate
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
