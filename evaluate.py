@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python evaluate.py ckpt_path=FILE [policy=learned|random|center] [dataset=... data_dir=...]`."""
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=FILE [policy=learned|random|center]`."""
 
 import hydra
 from omegaconf import DictConfig

@@ -50,7 +50,9 @@ class AdaFocusModule(pl.LightningModule):
         passes = [self.model.run_focus(video, glance, policy) for policy in ("learned", "random")]
         parts = {
             name: sum(
-                F.cross_entropy(getattr(out, f"{name}_logits" if name != "cat" else "logits").flatten(0, 1), target)
+                F.cross_entropy(
+                    getattr(out, f"{name}_logits" if name != "cat" else "logits").flatten(0, 1), target
+                )
                 for out in passes
             )
             / len(passes)
@@ -89,7 +91,9 @@ class AdaFocusModule(pl.LightningModule):
         self.val_metrics.reset()
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False)
         datamodule = getattr(self.trainer, "datamodule", None)
-        skipped = datamodule.skipped_videos(datamodule.eval_split) if hasattr(datamodule, "eval_split") else []
+        skipped = (
+            datamodule.skipped_videos(datamodule.eval_split) if hasattr(datamodule, "eval_split") else []
+        )
         local = {"seen": self._seen, "predictions": self.predictions, "skipped": skipped}
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
             everyone: list = [None] * self.trainer.world_size
@@ -106,7 +110,9 @@ class AdaFocusModule(pl.LightningModule):
         if not self._gathered:
             raise RuntimeError("no predictions were collected (set collect_predictions before validating)")
         width = max(p["labels"].shape[1] for p in self._gathered)
-        labels = torch.cat([F.pad(p["labels"], (0, width - p["labels"].shape[1]), value=-1) for p in self._gathered])
+        labels = torch.cat(
+            [F.pad(p["labels"], (0, width - p["labels"].shape[1]), value=-1) for p in self._gathered]
+        )
         index = torch.cat([p["index"] for p in self._gathered])
         order = index.argsort()
         paths = [path for p in self._gathered for path in p["paths"]]

@@ -65,7 +65,8 @@ def check_config(cfg: DictConfig, stage: str = "train") -> None:
         for knob in ("batch_size", "lr"):
             if float(cfg[knob]) != float(cfg.dataset[knob]):
                 warnings.warn(
-                    f"{knob}={cfg[knob]} differs from the dataset=${cfg.dataset.name} recipe's {cfg.dataset[knob]} "
+                    f"{knob}={cfg[knob]} differs from the dataset={cfg.dataset.name} recipe's "
+                    f"{cfg.dataset[knob]} "
                     "(batch_size is the total over all devices; the published numbers need the recipe's)",
                     stacklevel=2,
                 )
@@ -221,7 +222,9 @@ def load_module(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Ad
     checkpoints (its stored config is used unless dataset/backbone/patch are overridden) or a published
     AdaFocusV2 ``.pth.tar`` (told apart automatically)."""
     if not cfg.get("ckpt_path"):
-        raise ValueError("ckpt_path=FILE is required: a checkpoint of ours or a published AdaFocusV2 .pth.tar")
+        raise ValueError(
+            "ckpt_path=FILE is required: a checkpoint of ours or a published AdaFocusV2 .pth.tar"
+        )
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no such file {path}")
@@ -280,12 +283,15 @@ def _run_eval(cfg: DictConfig, split: str, limit: int | None, collect: bool, ove
 
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Evaluate ``cfg.ckpt_path`` with ``cfg.policy`` on the val split; prints and writes ``metrics.json``.
-    ``predictions_out=FILE.pt``: also a prediction file (early exit); ``visualize=K``: pictures of K videos."""
+    ``predictions_out=FILE.pt``: also a prediction file (early exit); ``visualize=K``: pictures of K
+    videos."""
     module, run_cfg, datamodule, trainer = _run_eval(
         cfg, "val", cfg.get("limit"), bool(cfg.get("predictions_out")), overrides
     )
     gflops = module.model.gflops()
-    metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = {
+        k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+    }
     results = {**metrics, "gflops": gflops, "num_videos": module.num_videos, "policy": module.eval_policy}
     if run_cfg.data.skip_bad_eval:
         results["skipped"] = len(module.skipped)
@@ -301,7 +307,13 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
         p = module.gathered_predictions()
         preds = make_predictions(
-            p["logits"], p["labels"], p["paths"], gflops, run_cfg.dataset.metric, run_cfg.dataset.name, run_cfg
+            p["logits"],
+            p["labels"],
+            p["paths"],
+            gflops,
+            run_cfg.dataset.metric,
+            run_cfg.dataset.name,
+            run_cfg,
         )
         save_predictions(cfg.predictions_out, preds)
         results["predictions"] = str(cfg.predictions_out)
@@ -311,10 +323,14 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     for key in results:
         if key != "pictures":
             table.add_column(key)
-    table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in results.items() if k != "pictures"))
+    table.add_row(
+        *(f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in results.items() if k != "pictures")
+    )
     console.print(table)
     if run_cfg.data.skip_bad_eval and results["skipped"]:
-        console.print(f"{results['skipped']} videos could not be decoded and were skipped: {module.skipped[:10]}")
+        console.print(
+            f"{results['skipped']} videos could not be decoded and were skipped: {module.skipped[:10]}"
+        )
     return results
 
 
@@ -337,8 +353,11 @@ def _visualize(module: AdaFocusModule, datamodule, run_cfg: DictConfig, cfg: Dic
     return files
 
 
-def compute_predictions(cfg: DictConfig, split: str = "val", limit: int | None = None, overrides=None) -> dict:
-    """Every video's per-step logits on ``split`` (``limit``: a seeded random subset), as a prediction dict."""
+def compute_predictions(
+    cfg: DictConfig, split: str = "val", limit: int | None = None, overrides=None
+) -> dict:
+    """Every video's per-step logits on ``split`` (``limit``: a seeded random subset), as a prediction
+    dict."""
     from adafocus.predictions import make_predictions
 
     module, run_cfg, _, _ = _run_eval(cfg, split, limit, True, overrides)
