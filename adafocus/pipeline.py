@@ -271,6 +271,7 @@ def load_module(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Ad
 
 def _run_eval(cfg: DictConfig, split: str, limit: int | None, collect: bool, overrides: list[str] | None):
     check_config(cfg, "eval")
+    pl.seed_everything(int(cfg.seed), verbose=False)  # the random policy's draws are reproducible
     module, run_cfg = load_module(cfg, overrides)
     module.eval_policy = str(cfg.get("policy", "learned"))
     module.collect_predictions = collect
