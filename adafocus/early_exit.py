@@ -134,29 +134,11 @@ def video_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> flo
             multiclass_accuracy(logits, labels[:, 0], num_classes=num_classes, average="micro", top_k=1)
         )
     if metric == "map":
-        try:
-            from adafocus.metrics import mean_average_precision
-        except ImportError:  # the framework's helper is not there yet: same semantics via torchmetrics
-            mean_average_precision = None
-        scores = F.softmax(logits.float(), dim=-1)
-        target = multi_hot(labels, num_classes)
-        if mean_average_precision is not None:
-            value = mean_average_precision(scores, target)
-            value = value[0] if isinstance(value, tuple) else value
-            return _as_percent(value)
-        from torchmetrics.functional.classification import multilabel_average_precision
+        from adafocus.metrics import mean_average_precision
 
-        keep = target.any(dim=0)  # classes with at least one positive
-        ap = multilabel_average_precision(
-            scores[:, keep], target[:, keep], num_labels=int(keep.sum()), average="macro", thresholds=None
-        )
-        return 100.0 * float(ap)
+        value, _ = mean_average_precision(F.softmax(logits.float(), dim=-1), labels)
+        return value
     raise ValueError(f"metric={metric!r}: expected 'map' or 'top1'")
-
-
-def _as_percent(value: Any) -> float:
-    value = float(value)
-    return value * 100.0 if value <= 1.0 else value
 
 
 @contextlib.contextmanager
