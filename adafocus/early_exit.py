@@ -27,7 +27,6 @@ import csv
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from adafocus.fileio import atomic_path
 
 CRITERIA = ("softmax", "max_logit")
 DEFAULT_BUDGETS = [round(0.1 * i, 10) for i in range(5, 40)]  # 0.5, 0.6, ..., 3.9 (the original's sweep)
@@ -229,21 +230,12 @@ def early_exit_sweep(
 # ----------------------------------------------------------------------------------------------------
 def write_csv(result: EarlyExitResult, path: str | os.PathLike) -> Path:
     """early_exit.csv: header p,gflops,metric, one row per budget; written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["p", "gflops", "metric"])
-            for p, g, m in result.rows():
-                w.writerow([f"{p:g}", f"{g:.6f}", f"{m:.6f}"])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["p", "gflops", "metric"])
+        for p, g, m in result.rows():
+            w.writerow([f"{p:g}", f"{g:.6f}", f"{m:.6f}"])
+    return Path(path)
 
 
 def make_plot(result: EarlyExitResult, title: str | None = None):
@@ -275,19 +267,10 @@ def make_plot(result: EarlyExitResult, title: str | None = None):
 
 def save_plot(result: EarlyExitResult, path: str | os.PathLike, title: str | None = None) -> Path:
     """Write the plot as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig = make_plot(result, title)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def make_table(result: EarlyExitResult, title: str | None = None):

@@ -19,12 +19,13 @@ calibration file and an evaluation file can be used together (same T and C).
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from adafocus.fileio import atomic_path
 
 METRICS = ("map", "top1")
 REQUIRED_KEYS = (
@@ -185,16 +186,8 @@ def save_predictions(path: str | os.PathLike, preds: dict) -> Path:
     if isinstance(preds.get("paths"), tuple):
         preds["paths"] = list(preds["paths"])
     preds = validate_predictions(preds, source=f"predictions to save as {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(preds, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(preds, tmp)
     return path
 
 

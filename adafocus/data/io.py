@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from adafocus.fileio import atomic_write_text  # noqa: F401  (re-exported for the data tools)
 
 VIDEO_EXTENSIONS = ("mp4", "mkv", "webm", "avi", "mov")
 FRAME_TEMPLATES = ("image_{:05d}.jpg", "img_{:05d}.jpg")
@@ -21,24 +22,6 @@ class VideoReadError(RuntimeError):
         super().__init__(str(path) if reason is None else f"cannot read video {path}: {reason}")
         self.path = str(path)
         self.reason = "" if reason is None else reason
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def resolve_video(videos_dir: Path, rel: str) -> Path:
