@@ -140,15 +140,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def build_trainer(cfg: DictConfig, loggers: list[Logger] | bool, callbacks: list, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        logger=loggers,
-        callbacks=callbacks,
-        default_root_dir=cfg.output_dir,
-        use_distributed_sampler=False,  # the data module makes its own (no video counted twice in eval)
-        plugins=[AtomicCheckpointIO()],
+    args = {
+        "logger": loggers,
+        "callbacks": callbacks,
+        "default_root_dir": cfg.output_dir,
+        "use_distributed_sampler": False,  # the data module makes its own (no video counted twice in eval)
+        "plugins": [AtomicCheckpointIO()],
         **kwargs,
-    )
+        **OmegaConf.to_container(cfg.trainer, resolve=True),  # +trainer.KEY=VALUE wins
+    }
+    return pl.Trainer(**args)
 
 
 # ------------------------------------------------------------------ train

@@ -1,0 +1,234 @@
+"""The training framework (issue 4): configs, the training step, train/evaluate/resume, DDP, W&B, multirun."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from adafocus.module import AdaFocusModule
+from adafocus.pipeline import check_config, evaluate, plain_config, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "dataset.generate.num_train=12", "dataset.generate.num_val=9", "dataset.generate.frames_per_video=6",
+    "dataset.generate.size=64", "dataset.input_size=64", "backbone.glance_size=8", "num_frames=2",
+    "patch=16", "batch_size=4", "epochs=1", "workers=0", "backbone.stn_hidden_dim=32",
+    "backbone.classifier_dim=64",
+]  # fmt: skip
+# SPEC §2: the ten published recipes and their numbers
+RECIPES = [("actnet", g, p) for g in ("mbv2", "res50") for p in (96, 128, 160)]
+RECIPES += [("fcvid", g, 128) for g in ("mbv2", "res50")] + [("minik", g, 128) for g in ("mbv2", "res50")]
+SPEC = {
+    "actnet": dict(lr=0.002, batch=32, classes=200, metric="map"),
+    "fcvid": dict(lr=0.002, batch=32, classes=239, metric="map"),
+    "minik": dict(lr=0.003, batch=48, classes=200, metric="top1"),
+}
+
+
+def config(*overrides: str, name: str = "train"):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def val_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [r for r in csv.DictReader(f) if r.get("val/top1")]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("run")
+    return train(config(*TINY, f"data_root={data_root}", f"output_dir={out}")), out
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize("dataset, backbone, patch", RECIPES)
+def test_published_recipes_compose(dataset, backbone, patch):
+    cfg = config(f"dataset={dataset}", f"backbone={backbone}", f"patch={patch}", "data_dir=/data/x")
+    spec = SPEC[dataset]
+    assert (cfg.lr, cfg.batch_size, cfg.data.batch_size, cfg.epochs) == (
+        spec["lr"],
+        spec["batch"],
+        spec["batch"],
+        50,
+    )
+    assert cfg.model.patch_size == patch and cfg.model.num_frames == cfg.data.num_frames == 16
+    assert cfg.model.num_classes == cfg.data.num_classes == spec["classes"]
+    assert cfg.dataset.metric == spec["metric"] and cfg.dataset.multilabel == (spec["metric"] == "map")
+    assert cfg.model.glance_arch == backbone and cfg.model.focus_arch == "res50"
+    assert cfg.model.input_size == 224 and cfg.model.dropout == cfg.model.fc_dropout == 0.2
+    assert cfg.model.stn_hidden_dim == 2048 and cfg.model.classifier_dim == 4096 and cfg.model.pretrained
+    assert dict(cfg.optim.lr_ratios) == {"policy": 0.1, "glance": 0.5, "focus": 1.0, "classifier": 5.0}
+    opt = cfg.optim.optimizer
+    assert (opt._target_, opt.momentum, opt.weight_decay, opt.nesterov) == (
+        "torch.optim.SGD",
+        0.9,
+        1e-4,
+        False,
+    )
+    assert cfg.logger.name == "wandb" and cfg.data.data_dir == "/data/x" and cfg.data.decode_short_side == 360
+
+
+def test_bad_configuration_is_caught_before_work(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="synthetic"):  # Hydra lists the options
+        config("dataset=kinetics")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "actnet_train_split.txt")):
+        check_config(config("dataset=actnet", f"data_dir={tmp_path}"))
+    with pytest.raises(ValueError, match="patch=64"):
+        check_config(config("patch=64", "dataset.input_size=64"))
+    with pytest.warns(UserWarning, match="glance_ckpt"):
+        check_config(config("backbone=res50"))
+    with pytest.warns(UserWarning, match="batch_size=8 differs"):
+        check_config(config("batch_size=8"))
+    with pytest.raises(ValueError, match="divisible"):
+        ddp = ["trainer=ddp", "trainer.accelerator=cpu"]
+        train(config(*TINY, "batch_size=5", *ddp, f"output_dir={tmp_path}", f"data_root={tmp_path}"))
+
+
+# ------------------------------------------------------------------ the training step
+def test_one_step_reaches_every_parameter_and_sets_group_lrs(data_root, tmp_path):
+    cfg = config(*TINY, f"data_root={data_root}", f"output_dir={tmp_path}", "optimizer=sgd")
+    module = AdaFocusModule(plain_config(cfg))
+    datamodule = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == pytest.approx(
+        {k: cfg.lr * r for k, r in cfg.optim.lr_ratios.items()}
+    )
+    assert type(optimizer).__name__ == "SGD" and optimizer.defaults["momentum"] == 0.9
+
+
+def test_per_epoch_cosine_schedule(data_root, tmp_path):
+    cfg = config(*TINY, f"data_root={data_root}", f"output_dir={tmp_path}", "epochs=5")
+    module = AdaFocusModule(plain_config(cfg))
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    assert setup["lr_scheduler"]["interval"] == "epoch"
+    for epoch in range(6):
+        lr = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        expected = 0.5 * cfg.lr * (1 + math.cos(math.pi * epoch / 5))
+        assert lr["focus"] == pytest.approx(expected, abs=1e-12)
+        assert lr["policy"] == pytest.approx(expected * cfg.optim.lr_ratios.policy, abs=1e-12)
+        optimizer.step()
+        scheduler.step()
+
+
+# ------------------------------------------------------------------ train, evaluate, resume
+def test_train_then_evaluate_agree(trained, tmp_path):
+    results, out = trained
+    best = Path(results["best_checkpoint"])
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)  # plain containers only
+    assert ckpt["hyper_parameters"]["config"]["dataset"]["name"] == "synthetic"
+    assert results["gflops"] > 0 and len(val_rows(out)) == 1
+    # evaluate.py with nothing but the checkpoint: its stored config, in a subprocess
+    eval_dir = tmp_path / "eval"
+    run("evaluate.py", f"ckpt_path={best}", f"hydra.run.dir={eval_dir}")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert set(metrics) >= {"top1", "top5", "gflops", "num_videos"} and metrics["num_videos"] == 9
+    assert metrics["top1"] == pytest.approx(results["best_top1"])
+    assert metrics["gflops"] == pytest.approx(results["gflops"])
+
+
+def test_evaluate_multilabel_map_and_pictures(trained, data_root, tmp_path):
+    results, _ = trained
+    root = data_root / "synthetic"  # a multi-label list over the same videos: video i also has class (i+1)%4
+    lines = (root / "val_split.txt").read_text().splitlines()
+    multi = [f"{line},{(int(line.split(',')[2]) + 1) % 4}" if i % 2 else line for i, line in enumerate(lines)]
+    (root / "multi_val.txt").write_text("\n".join(multi) + "\n")
+    extra = ["dataset.multilabel=true", "dataset.val_list=multi_val.txt", "visualize=2"]
+    best = results["best_checkpoint"]
+    cfg = config(
+        *TINY,
+        f"data_root={data_root}",
+        f"output_dir={tmp_path}",
+        f"ckpt_path={best}",
+        *extra,
+        name="evaluate",
+    )
+    metrics = evaluate(cfg, overrides=["dataset.multilabel=true"])
+    assert 0 <= metrics["map"] <= 100 and metrics["num_videos"] == 9
+    assert json.loads((tmp_path / "metrics.json").read_text())["map"] == pytest.approx(metrics["map"])
+    assert len(list((tmp_path / "focus").glob("*.png"))) == len(list((tmp_path / "focus").glob("*.gif"))) == 2
+
+
+def test_resume_continues_epoch_and_schedule(data_root, tmp_path):
+    first = train(config(*TINY, f"data_root={data_root}", f"output_dir={tmp_path / 'a'}", "epochs=2",
+                         "+trainer.max_epochs=1"))  # fmt: skip
+    resumed = train(config(*TINY, f"data_root={data_root}", f"output_dir={tmp_path / 'b'}", "epochs=2",
+                           f"ckpt_path={first['last_checkpoint']}"))  # fmt: skip
+    rows = val_rows(tmp_path / "b")
+    assert [int(r["epoch"]) for r in rows] == [1]  # only the second epoch ran
+    assert resumed["epochs"] == 2
+    with (tmp_path / "b" / "csv" / "metrics.csv").open() as f:
+        lrs = [float(r["lr-AdamW/focus"]) for r in csv.DictReader(f) if r.get("lr-AdamW/focus")]
+    assert lrs[0] == pytest.approx(0.5 * 1e-3 * (1 + math.cos(math.pi * 1 / 2)))  # epoch 1 of 2
+
+
+def test_same_seed_same_metrics(trained, data_root, tmp_path):
+    again = train(config(*TINY, f"data_root={data_root}", f"output_dir={tmp_path}"))
+    assert again["best_top1"] == trained[0]["best_top1"]
+    assert val_rows(tmp_path) == val_rows(trained[1])
+
+
+# ------------------------------------------------------------------ DDP, W&B, multirun (real CLI)
+def test_cpu_ddp_matches_one_process(trained, data_root, tmp_path):
+    results, _ = trained
+    best = results["best_checkpoint"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run("evaluate.py", f"ckpt_path={best}", f"hydra.run.dir={one}")
+    run("evaluate.py", f"ckpt_path={best}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"hydra.run.dir={two}")  # fmt: skip
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert b["num_videos"] == a["num_videos"] == 9  # an odd number: nothing duplicated or dropped
+    assert b["top1"] == a["top1"] and b["top5"] == a["top5"]
+    # and DDP training runs end to end (gloo), validating every video once
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    run("train.py", *TINY, f"data_root={data_root}", *ddp, f"hydra.run.dir={tmp_path / 'train'}")
+    assert len(list((tmp_path / "train" / "checkpoints").glob("best-*.ckpt"))) == 1
+
+
+def test_wandb_offline_without_credentials(data_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), WANDB_DIR=str(tmp_path))
+    out = tmp_path / "run"
+    result = run("train.py", *TINY, f"data_root={data_root}", "logger=wandb", f"hydra.run.dir={out}", env=env)
+    assert "wandb sync" in result.stdout + result.stderr
+    assert list(out.glob("wandb/offline-run-*"))
+    assert val_rows(out)  # the CSV log is always written
+
+
+def test_multirun_jobs_get_their_own_directories(data_root, tmp_path):
+    run("train.py", "-m", *TINY, f"data_root={data_root}", "patch=16,24", f"hydra.sweep.dir={tmp_path}")
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert list((job / "checkpoints").glob("best-*.ckpt"))
+        assert OmegaConf.load(job / ".hydra" / "config.yaml").patch in (16, 24)
