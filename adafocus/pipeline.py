@@ -22,6 +22,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from rich.console import Console
 from rich.table import Table
 
+from adafocus.fileio import atomic_path, atomic_write_text
 from adafocus.module import AdaFocusModule
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary name and renamed: never a half-written file."""
 
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: Any = None) -> None:
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def build_trainer(cfg: DictConfig, loggers: list[Logger] | bool, callbacks: list, **kwargs) -> pl.Trainer:
@@ -300,10 +300,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if not trainer.is_global_zero:
         return results
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2))
     if cfg.get("predictions_out"):
         from adafocus.predictions import make_predictions, save_predictions
 

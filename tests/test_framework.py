@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from adafocus.module import AdaFocusModule
@@ -111,7 +112,7 @@ def test_bad_configuration_is_caught_before_work(tmp_path):
 def test_one_step_reaches_every_parameter_and_sets_group_lrs(data_root, tmp_path):
     cfg = config(*TINY, f"data_root={data_root}", f"output_dir={tmp_path}", "optimizer=sgd")
     module = AdaFocusModule(plain_config(cfg))
-    datamodule = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.data)
+    datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
