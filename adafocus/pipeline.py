@@ -250,9 +250,11 @@ def load_module(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Ad
     else:
         from adafocus.models import AdaFocusV2
 
-        kwargs = {"input_size": int(cfg.dataset.input_size)}
+        kwargs = {"input_size": int(cfg.dataset.input_size), "glance_size": cfg.model.glance_size}
         if "patch" in keys or "_p" not in path.name:
             kwargs["patch_size"] = int(cfg.patch)
+        if any(k.split(".")[0] == "backbone" for k in keys):  # else: the archs the tensors say
+            kwargs.update(glance_arch=cfg.model.glance_arch, focus_arch=cfg.model.focus_arch)
         model = AdaFocusV2.from_official_checkpoint(path, **kwargs)
         if model.num_classes != int(cfg.dataset.num_classes):
             raise ValueError(

@@ -158,6 +158,21 @@ def test_train_then_evaluate_agree(trained, tmp_path):
     assert metrics["gflops"] == pytest.approx(results["gflops"])
 
 
+def test_evaluate_a_checkpoint_in_the_published_layout(trained, data_root, tmp_path):
+    from adafocus.models import to_official_state_dict
+
+    results, _ = trained
+    ours = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=True)
+    module = AdaFocusModule(ours["hyper_parameters"]["config"])
+    module.load_state_dict(ours["state_dict"])
+    published = tmp_path / "synthetic_p16_mbv3s.pth.tar"
+    torch.save({"state_dict": to_official_state_dict(module.model)}, published)
+    run("evaluate.py", f"ckpt_path={published}", *TINY, "backbone=cpu", f"data_root={data_root}",
+        f"hydra.run.dir={tmp_path}")  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["top1"] == pytest.approx(results["best_top1"]) and metrics["num_videos"] == 9
+
+
 def test_evaluate_multilabel_map_and_pictures(trained, data_root, tmp_path):
     results, _ = trained
     root = data_root / "synthetic"  # a multi-label list over the same videos: video i also has class (i+1)%4
