@@ -139,6 +139,11 @@ def load_official_checkpoint(cls, path: str | Path, **kwargs):
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: not an AdaFocusV2 checkpoint (expected a dict with a 'state_dict')")
     config = {"pretrained": False, **infer_config(state, path), **kwargs}
+    if "num_classes" not in config:  # no glance head: not an AdaFocusV2 state dict
+        raise ValueError(
+            f"{path}: not an AdaFocusV2 checkpoint (no 'module.global_CNN_fc.1.weight' to infer num_classes "
+            f"from; keys: {sorted(state)[:10]})"
+        )
     model = cls(**config)
     converted = from_official_state_dict(state)
     own = model.state_dict()
