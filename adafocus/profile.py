@@ -63,9 +63,28 @@ def measure_speed(model: AdaFocusV2, batch_size: int, device: str, repeats: int,
     return times
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Clear errors for the knobs, before building anything."""
+    if cfg.format not in ("table", "json"):
+        raise ValueError(f"format must be 'table' or 'json', got {cfg.format!r}")
+    device = str(cfg.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but no CUDA device is available here; use device=cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise ValueError(f"device must be cpu or cuda[:N], got {device!r}")
+    for key in ("batch_size", "repeats"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if int(cfg.warmup) < 0:
+        raise ValueError(f"warmup must be >= 0, got {cfg.warmup}")
+
+
 def profile(cfg: DictConfig) -> dict:
     """The profile as a dict: per-part params (M) and GFLOPs, totals, and latency or throughput."""
-    model = build_model(cfg)
+    check_config(cfg)
+    if str(cfg.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input shape: pick the fastest kernels, as for training
+    model = build_model(cfg).to(str(cfg.device))
     flops = model.flop_counts()
     parts = {
         part: {
@@ -86,6 +105,7 @@ def profile(cfg: DictConfig) -> dict:
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "gflops": flops["total"],
         "device": str(cfg.device),
+        "threads": torch.get_num_threads(),
         "batch_size": int(cfg.batch_size),
         "latency_ms_per_video": 1000 * median / int(cfg.batch_size),
         "videos_per_s": int(cfg.batch_size) / median,
@@ -99,7 +119,8 @@ def print_table(result: dict, console: Console | None = None) -> None:
         f"AdaFocusV2 {result['glance']} glance + {result['focus']} focus, P={result['patch']}, "
         f"T={result['num_frames']}, {result['input_size']} px"
     )
-    table = Table(title=title)
+    console.print(title)
+    table = Table()
     for column in ("part", "params (M)", "GFLOPs / video"):
         table.add_column(column, justify="right" if column != "part" else "left")
     for part, row in result["parts"].items():
@@ -107,9 +128,8 @@ def print_table(result: dict, console: Console | None = None) -> None:
     table.add_row("total", f"{result['params_m']:.2f}", f"{result['gflops']:.2f}", style="bold")
     console.print(table)
     if result["batch_size"] == 1:
-        console.print(
-            f"latency ({result['device']}, batch 1, median): {result['latency_ms_per_video']:.1f} ms / video"
-        )
+        where = result["device"] + (f", {result['threads']} threads" if result["device"] == "cpu" else "")
+        console.print(f"latency ({where}, batch 1, median): {result['latency_ms_per_video']:.1f} ms / video")
     else:
         console.print(
             f"throughput ({result['device']}, batch {result['batch_size']}): "

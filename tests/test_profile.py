@@ -1,0 +1,93 @@
+"""`python -m adafocus.profile`: per-part params and GFLOPs, totals, latency, throughput (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from adafocus.models import AdaFocusV2
+from adafocus.profile import PARTS, print_table, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["backbone=cpu", "patch=32", "input_size=64", "num_frames=4", "num_classes=5", "repeats=2", "warmup=1"]
+
+
+def cpu_model() -> AdaFocusV2:
+    """The model the profile builds for TINY, from conf/backbone/cpu.yaml (not from the profile's code)."""
+    backbone = OmegaConf.load(ROOT / "conf" / "backbone" / "cpu.yaml")
+    return AdaFocusV2(
+        num_classes=5, glance_arch=backbone.glance_arch, focus_arch=backbone.focus_arch, patch_size=32,
+        num_frames=4, input_size=64, stn_hidden_dim=backbone.stn_hidden_dim,
+        classifier_dim=backbone.classifier_dim, glance_size=backbone.glance_size, pretrained=False,
+    )  # fmt: skip
+
+
+def config(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("profile", overrides=[*TINY, *overrides])
+
+
+def test_cli_json_matches_the_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "adafocus.profile", *TINY, "format=json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)  # the whole of stdout is the one JSON object
+    assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file left behind
+
+    model = cpu_model()
+    flops = model.flop_counts()
+    assert list(out["parts"]) == ["glance", "policy", "focus", "classifier"]
+    for part, modules in PARTS.items():
+        params = sum(p.numel() for m in modules for p in getattr(model, m).parameters())
+        assert out["parts"][part]["params_m"] == pytest.approx(params / 1e6, abs=1e-9), part
+        assert out["parts"][part]["gflops"] == pytest.approx(flops[part], rel=1e-9), part
+    assert out["gflops"] == pytest.approx(model.gflops(), rel=1e-9)
+    assert out["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=1e-9)
+    assert sum(p["params_m"] for p in out["parts"].values()) == pytest.approx(out["params_m"])
+    assert sum(p["gflops"] for p in out["parts"].values()) == pytest.approx(out["gflops"], rel=1e-9)
+    assert (out["glance"], out["focus"], out["patch"], out["num_frames"], out["input_size"]) == (
+        "mbv3s", "res18", 32, 4, 64,
+    )  # fmt: skip
+    assert (out["device"], out["batch_size"]) == ("cpu", 1)
+    assert out["latency_ms_per_video"] > 0
+    assert out["videos_per_s"] == pytest.approx(1000 / out["latency_ms_per_video"])
+
+
+def test_table_and_throughput_in_process():
+    result = profile(config("batch_size=2"))
+    assert result["batch_size"] == 2
+    assert result["videos_per_s"] == pytest.approx(1000 / result["latency_ms_per_video"])
+    console = Console(record=True, width=120)
+    print_table(result, console)
+    text = console.export_text()
+    assert "mbv3s glance + res18 focus, P=32, T=4, 64 px" in text
+    for part in ("glance", "policy", "focus", "classifier", "total"):
+        assert part in text
+    assert f"{result['gflops']:.2f}" in text and f"{result['params_m']:.2f}" in text
+    assert "throughput (cpu, batch 2)" in text and "videos/s" in text
+    result["batch_size"] = 1
+    console = Console(record=True, width=120)
+    print_table(result, console)
+    assert "ms / video" in console.export_text()
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="format must be 'table' or 'json'"):
+        profile(config("format=xml"))
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        profile(config("device=tpu"))
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        profile(config("repeats=0"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            profile(config("device=cuda", "batch_size=4"))
