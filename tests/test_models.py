@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torchvision import models as tvm
 
 from adafocus.models import BACKBONES, AdaFocusV2, to_official_state_dict
@@ -209,6 +210,46 @@ def test_random_and_center_policies():
     assert torch.allclose(crops, video.flatten(0, 1)[..., 16:32, 16:32], atol=1e-5)
     with pytest.raises(ValueError, match="learned"):
         model(video, policy="somewhere")
+
+
+def test_glance_sees_the_resized_frame():
+    """res50: bilinear (align_corners=True) to 96 px; mbv3s with glance_size: exact area downsample."""
+    torch.manual_seed(0)
+    frames = torch.randn(2, 3, 128, 128)
+    res50 = tiny(glance_arch="res50", input_size=128).eval()
+    with torch.no_grad():
+        seen = res50.glance(frames)
+        expected = res50.glance.trunk(
+            F.interpolate(frames, size=(96, 96), mode="bilinear", align_corners=True)
+        )
+    assert seen.shape == (2, 2048, 3, 3) and torch.equal(seen, expected)
+    mbv3s = tiny(input_size=64, patch_size=32, glance_size=16).eval()
+    with torch.no_grad():
+        seen = mbv3s.glance(frames[..., :64, :64])
+        expected = mbv3s.glance.trunk(F.avg_pool2d(frames[..., :64, :64], 4))  # 64 -> 16: 4x4 means
+    assert seen.shape == (2, mbv3s.glance.dim, 8, 8) and torch.allclose(seen, expected, atol=1e-6)
+    # the policy's Linear is sized for the map it gets (64 * 8 * 8), and the whole model runs
+    assert mbv3s.policy.encoder[4].in_features == 64 * 8 * 8
+    assert mbv3s(torch.randn(1, 4, 3, 64, 64)).logits.shape == (1, 4, 5)
+    full = tiny(input_size=64, patch_size=32).eval()  # glance_size=None: the whole 64 px frame
+    assert full.glance.resize is None and full.policy.encoder[4].in_features == 64 * 32 * 32
+
+
+def test_glance_once_focus_twice():
+    """Training's step: one glance shared by a learned and a random focus pass (SPEC §2)."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    video = torch.randn(2, 4, 3, 48, 48)
+    with torch.no_grad():
+        glance = model.run_glance(video)
+        assert glance.feature_map.shape[:3] == (2, 4, model.glance.dim)
+        assert glance.features.shape == (2, 4, model.glance.dim) and glance.global_logits.shape == (2, 4, 5)
+        learned, rand = model.run_focus(video, glance, "learned"), model.run_focus(video, glance, "random")
+        whole = model(video)
+    for field in ("logits", "global_logits", "local_logits", "actions"):
+        assert torch.equal(getattr(learned, field), getattr(whole, field)), field
+    assert rand.global_logits is glance.global_logits  # the same glance, not recomputed
+    assert not torch.equal(rand.actions, learned.actions) and not torch.equal(rand.logits, learned.logits)
 
 
 def test_param_groups_cover_every_parameter_once():
