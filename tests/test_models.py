@@ -250,6 +250,10 @@ def test_glance_once_focus_twice():
         assert torch.equal(getattr(learned, field), getattr(whole, field)), field
     assert rand.global_logits is glance.global_logits  # the same glance, not recomputed
     assert not torch.equal(rand.actions, learned.actions) and not torch.equal(rand.logits, learned.logits)
+    with pytest.raises(ValueError, match=r"run_focus: the glance is of \[2, 4\].*the video of \[1, 4\]"):
+        model.run_focus(video[:1], glance)
+    with pytest.raises(ValueError, match="input_size=48"):
+        model.run_focus(video[..., :40], glance)
 
 
 def test_param_groups_cover_every_parameter_once():

@@ -122,6 +122,12 @@ class AdaFocusV2(nn.Module):
 
     def run_focus(self, video: torch.Tensor, glance: GlanceOutput, policy: str = "learned") -> AdaFocusOutput:
         """Focus on the patches chosen by ``policy`` and classify every step."""
+        self.check_input(video)
+        if glance.features.shape[:2] != video.shape[:2]:
+            raise ValueError(
+                f"run_focus: the glance is of {list(glance.features.shape[:2])} videos x frames, "
+                f"the video of {list(video.shape[:2])}; pass run_glance(video) of this video"
+            )
         b, t = video.shape[:2]
         actions = self.actions(glance, policy)  # (B, T, 2)
         patches = self.patch_extractor(video.flatten(0, 1), actions.flatten(0, 1))  # (B*T, 3, P, P)
