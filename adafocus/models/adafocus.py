@@ -89,14 +89,15 @@ class AdaFocusV2(nn.Module):
         )
 
     # ---- forward ----
-    def check_input(self, video: torch.Tensor) -> None:
+    def check_input(self, video: torch.Tensor, values: bool = True) -> None:
+        """Shape ``[B, num_frames, 3, input_size, input_size]`` and (``values``) finite entries."""
         expected = (self.num_frames, 3, self.input_size, self.input_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(
                 f"AdaFocusV2 expects video [B, {', '.join(map(str, expected))}] "
                 f"(num_frames={self.num_frames}, input_size={self.input_size}), got {list(video.shape)}"
             )
-        if not torch.isfinite(video).all():
+        if values and not torch.isfinite(video).all():
             raise ValueError("AdaFocusV2 input contains NaN or Inf values")
 
     def run_glance(self, video: torch.Tensor) -> GlanceOutput:
@@ -122,7 +123,7 @@ class AdaFocusV2(nn.Module):
 
     def run_focus(self, video: torch.Tensor, glance: GlanceOutput, policy: str = "learned") -> AdaFocusOutput:
         """Focus on the patches chosen by ``policy`` and classify every step."""
-        self.check_input(video)
+        self.check_input(video, values=False)  # run_glance checked the values (one device sync per step)
         if glance.features.shape[:2] != video.shape[:2]:
             raise ValueError(
                 f"run_focus: the glance is of {list(glance.features.shape[:2])} videos x frames, "
