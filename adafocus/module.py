@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ class AdaFocusModule(pl.LightningModule):
         self.skipped: list[str] = []  # videos skipped in it (skip_bad_eval), over all processes
         self._seen = 0
         self._gathered: list[dict] = []
+        self._gflops: float | None = None
 
     # ---- training ----
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -60,7 +63,8 @@ class AdaFocusModule(pl.LightningModule):
         }
         loss = sum(parts.values())
         batch_size = video.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # no prog_bar: the bar would turn the loss into a Python float (a device sync) every step
+        self.log("train/loss", loss, batch_size=batch_size)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return loss
@@ -124,6 +128,8 @@ class AdaFocusModule(pl.LightningModule):
 
     # ---- optimiser ----
     def configure_optimizers(self):
+        """SGD (or the configured optimiser) over the four groups of SPEC §2 at ``lr x ratio``, with the
+        per-epoch cosine ``lr_e = 0.5 * lr * (1 + cos(pi * e / E))``."""
         ratios = self.optim_cfg.lr_ratios
         groups = [
             {"params": params, "name": name, "lr": self.lr * float(ratios[name])}
@@ -137,7 +143,27 @@ class AdaFocusModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs, eta_min=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming with a different ``epochs`` than the checkpoint's: the cosine goes on from the epoch
+        reached towards the new E (the stored scheduler keeps the old E: past it, training runs at lr 0)."""
+        stored = checkpoint.get("hyper_parameters", {}).get("config", {}).get("epochs")
+        if stored is None or int(stored) == self.epochs:
+            return
+        schedulers, optimizers = checkpoint.get("lr_schedulers", []), checkpoint.get("optimizer_states", [])
+        for sched, opt in zip(schedulers, optimizers, strict=False):
+            factor = 0.5 * (1 + math.cos(math.pi * min(sched["last_epoch"], self.epochs) / self.epochs))
+            sched["T_max"] = self.epochs
+            sched["_last_lr"] = [base * factor for base in sched["base_lrs"]]
+            for group in opt["param_groups"]:
+                group["lr"] = group["initial_lr"] * factor
+
+    @property
+    def gflops_per_video(self) -> float:
+        """The model's GFLOPs (multiply-accumulates) per video, counted once."""
+        if self._gflops is None:
+            self._gflops = self.model.gflops()
+        return self._gflops
+
     def on_fit_start(self) -> None:
-        gflops = self.model.gflops()
-        for logger in self.loggers:
-            logger.log_metrics({"model/gflops": gflops}, step=0)
+        for logger in self.loggers:  # once per run, step 0 (the loggers exist on rank 0 only)
+            logger.log_metrics({"model/gflops": self.gflops_per_video}, step=0)
