@@ -146,10 +146,10 @@ def build_loggers(cfg: DictConfig, config: dict) -> list[Logger]:
     elif name == "wandb":
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not _wandb_credentials()
         if offline and pl.utilities.rank_zero.rank_zero_only.rank == 0:
-            console.print(
-                f"W&B: no credentials (wandb login / WANDB_API_KEY), logging offline; upload later with "
-                f"[bold]wandb sync {out_dir / 'wandb'}/offline-run-*[/]"
-            )
+            has_key = _wandb_credentials()
+            why = "WANDB_MODE=offline" if has_key else "no credentials (wandb login / WANDB_API_KEY)"
+            sync = f"wandb sync {out_dir / 'wandb'}/offline-run-*"
+            print(f"W&B: {why}, logging offline; upload later with: {sync}", flush=True)  # one unwrapped line
         group, run_name = _sweep_job() or (None, out_dir.name)
         wandb_logger = WandbLogger(
             project=cfg.logger.project,
