@@ -239,13 +239,16 @@ def train(cfg: DictConfig) -> dict:
             artifact = wandb.Artifact(f"model-{Path(cfg.output_dir).name}", type="model")
             artifact.add_file(checkpoint.best_model_path, name="best.ckpt")
             loggers[0].experiment.log_artifact(artifact)
-        table = Table(title=f"AdaFocusV2 on {cfg.dataset.name}: done in {results['seconds'] / 60:.1f} min")
-        table.add_column("")
-        table.add_column("")
-        table.add_row(f"best {metric}", "n/a" if best is None else f"{float(best):.2f}")
-        table.add_row("GFLOPs / video", f"{gflops:.3f}")
-        table.add_row("best checkpoint", checkpoint.best_model_path or "-")
-        console.print(table)
+        # plain lines, never wrapped or cut: the checkpoint path must survive any terminal width / log file
+        summary = {
+            f"best {metric}": "n/a" if best is None else f"{float(best):.2f}",
+            "GFLOPs / video": f"{gflops:.4g}",
+            "best checkpoint": checkpoint.best_model_path or "-",
+            "last checkpoint": checkpoint.last_model_path or "-",
+        }
+        print(f"AdaFocusV2 on {cfg.dataset.name}: done in {results['seconds'] / 60:.1f} min", flush=True)
+        for key, value in summary.items():
+            print(f"  {key:<16} {value}", flush=True)
     if cfg.logger.name == "wandb":
         import wandb
 
@@ -361,18 +364,25 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if int(cfg.get("visualize") or 0) > 0:
         results["pictures"] = [str(p) for pair in _visualize(module, datamodule, run_cfg, cfg) for p in pair]
     table = Table(title=f"{Path(cfg.ckpt_path).name} on {run_cfg.dataset.name} (policy={module.eval_policy})")
-    for key in results:
-        if key != "pictures":
-            table.add_column(key)
-    table.add_row(
-        *(f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in results.items() if k != "pictures")
-    )
+    shown = [k for k in ("top1", "top5", "map", "gflops", "num_videos", "skipped") if k in results]
+    for key in shown:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{results[k]:.4g}" if k == "gflops" else _fmt(results[k]) for k in shown))
     console.print(table)
+    print(f"metrics: {out_dir / 'metrics.json'}", flush=True)  # plain lines: paths are never cut
+    if "predictions" in results:
+        print(f"predictions: {results['predictions']}", flush=True)
+    if "pictures" in results:
+        print(f"pictures: {Path(cfg.output_dir) / 'focus'} ({len(results['pictures'])} files)", flush=True)
     if run_cfg.data.skip_bad_eval and results["skipped"]:
         console.print(
             f"{results['skipped']} videos could not be decoded and were skipped: {module.skipped[:10]}"
         )
     return results
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 @torch.no_grad()
