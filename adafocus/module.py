@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytorch_lightning as pl
 import torch
@@ -34,6 +35,7 @@ class AdaFocusModule(pl.LightningModule):
         self.lr = float(cfg.lr)
         self.epochs = int(cfg.epochs)
         self.num_classes = int(cfg.dataset.num_classes)
+        self.seed = int(cfg.get("seed", 0) or 0)
         self.val_metrics = VideoMetrics(self.num_classes, bool(cfg.dataset.multilabel))
         self.eval_policy = "learned"  # evaluate.py's policy=learned|random|center
         self.collect_predictions = False  # keep every video's per-step logits (prediction files)
@@ -74,7 +76,10 @@ class AdaFocusModule(pl.LightningModule):
         video = batch["video"]
         if video.shape[0] == 0:  # every video of the batch was skipped (skip_bad_eval)
             return
-        out = self.model(video, policy=self.eval_policy)
+        if self.eval_policy == "random":
+            out = self._random_policy_outputs(video, batch["index"])
+        else:
+            out = self.model(video, policy=self.eval_policy)
         self.val_metrics.update(out.logits[:, -1], batch["labels"])
         self._seen += video.shape[0]
         if self.collect_predictions:
@@ -86,6 +91,17 @@ class AdaFocusModule(pl.LightningModule):
                     "paths": list(batch["path"]),
                 }
             )
+
+    def _random_policy_outputs(self, video: torch.Tensor, index: torch.Tensor):
+        """policy=random with each video's draws seeded by (seed, its index in the split): the same numbers
+        whatever the batch size or the number of processes (DDP). One video at a time (eval mode)."""
+        outs = []
+        for i, idx in enumerate(index.tolist()):
+            with torch.random.fork_rng(devices=[video.device] if video.device.type == "cuda" else []):
+                torch.manual_seed(self.seed * 1_000_003 + idx)
+                outs.append(self.model(video[i : i + 1], policy="random"))
+        parts = {f.name: torch.cat([getattr(o, f.name) for o in outs]) for f in fields(outs[0])}
+        return type(outs[0])(**parts)  # AdaFocusOutput of the batch
 
     def on_validation_epoch_start(self) -> None:
         self.predictions, self._seen = [], 0

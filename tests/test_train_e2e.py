@@ -248,6 +248,17 @@ def test_cpu_ddp_train_and_evaluate_match_one_process(data_root, tmp_path):
     pa, pb = load_predictions(one / "p.pt"), load_predictions(two / "p.pt")
     assert pa["paths"] == pb["paths"] and len(set(pa["paths"])) == NUM_VAL
     assert torch.allclose(pa["logits"], pb["logits"], atol=1e-5) and torch.equal(pa["labels"], pb["labels"])
+    # policy=random too: each video's draws do not depend on the batching or the process it lands on
+    cli("evaluate.py", f"ckpt_path={best}", "policy=random", *DDP, f"hydra.run.dir={tmp_path / 'random2'}")
+    overrides = [f"ckpt_path={best}", "policy=random", "batch_size=2"]  # one process, another batching
+    single = evaluate(
+        compose_cfg(*overrides, f"output_dir={tmp_path / 'random1'}", name="evaluate"), overrides
+    )
+    ddp = read_metrics(tmp_path / "random2")
+    assert single["policy"] == ddp["policy"] == "random" and ddp["num_videos"] == NUM_VAL
+    assert ddp["map"] == pytest.approx(single["map"], abs=1e-4) and ddp["top1"] == pytest.approx(
+        single["top1"]
+    )
 
 
 def no_credentials_env(home: Path) -> dict:
