@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import fields
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -35,7 +32,6 @@ class AdaFocusModule(pl.LightningModule):
         self.lr = float(cfg.lr)
         self.epochs = int(cfg.epochs)
         self.num_classes = int(cfg.dataset.num_classes)
-        self.seed = int(cfg.get("seed", 0) or 0)
         self.val_metrics = VideoMetrics(self.num_classes, bool(cfg.dataset.multilabel))
         self.eval_policy = "learned"  # evaluate.py's policy=learned|random|center
         self.collect_predictions = False  # keep every video's per-step logits (prediction files)
@@ -44,7 +40,6 @@ class AdaFocusModule(pl.LightningModule):
         self.skipped: list[str] = []  # videos skipped in it (skip_bad_eval), over all processes
         self._seen = 0
         self._gathered: list[dict] = []
-        self._gflops: float | None = None
 
     # ---- training ----
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -65,8 +60,7 @@ class AdaFocusModule(pl.LightningModule):
         }
         loss = sum(parts.values())
         batch_size = video.shape[0]
-        # no prog_bar: the bar would turn the loss into a Python float (a device sync) every step
-        self.log("train/loss", loss, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return loss
@@ -76,10 +70,7 @@ class AdaFocusModule(pl.LightningModule):
         video = batch["video"]
         if video.shape[0] == 0:  # every video of the batch was skipped (skip_bad_eval)
             return
-        if self.eval_policy == "random":
-            out = self._random_policy_outputs(video, batch["index"])
-        else:
-            out = self.model(video, policy=self.eval_policy)
+        out = self.model(video, policy=self.eval_policy)
         self.val_metrics.update(out.logits[:, -1], batch["labels"])
         self._seen += video.shape[0]
         if self.collect_predictions:
@@ -91,17 +82,6 @@ class AdaFocusModule(pl.LightningModule):
                     "paths": list(batch["path"]),
                 }
             )
-
-    def _random_policy_outputs(self, video: torch.Tensor, index: torch.Tensor):
-        """policy=random with each video's draws seeded by (seed, its index in the split): the same numbers
-        whatever the batch size or the number of processes (DDP). One video at a time (eval mode)."""
-        outs = []
-        for i, idx in enumerate(index.tolist()):
-            with torch.random.fork_rng(devices=[video.device] if video.device.type == "cuda" else []):
-                torch.manual_seed(self.seed * 1_000_003 + idx)
-                outs.append(self.model(video[i : i + 1], policy="random"))
-        parts = {f.name: torch.cat([getattr(o, f.name) for o in outs]) for f in fields(outs[0])}
-        return type(outs[0])(**parts)  # AdaFocusOutput of the batch
 
     def on_validation_epoch_start(self) -> None:
         self.predictions, self._seen = [], 0
@@ -144,8 +124,6 @@ class AdaFocusModule(pl.LightningModule):
 
     # ---- optimiser ----
     def configure_optimizers(self):
-        """SGD (or the configured optimiser) over the four groups of SPEC §2 at ``lr x ratio``, with the
-        per-epoch cosine ``lr_e = 0.5 * lr * (1 + cos(pi * e / E))``."""
         ratios = self.optim_cfg.lr_ratios
         groups = [
             {"params": params, "name": name, "lr": self.lr * float(ratios[name])}
@@ -159,27 +137,7 @@ class AdaFocusModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs, eta_min=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Resuming with a different ``epochs`` than the checkpoint's: the cosine goes on from the epoch
-        reached towards the new E (the stored scheduler keeps the old E: past it, training runs at lr 0)."""
-        stored = checkpoint.get("hyper_parameters", {}).get("config", {}).get("epochs")
-        if stored is None or int(stored) == self.epochs:
-            return
-        schedulers, optimizers = checkpoint.get("lr_schedulers", []), checkpoint.get("optimizer_states", [])
-        for sched, opt in zip(schedulers, optimizers, strict=False):
-            factor = 0.5 * (1 + math.cos(math.pi * min(sched["last_epoch"], self.epochs) / self.epochs))
-            sched["T_max"] = self.epochs
-            sched["_last_lr"] = [base * factor for base in sched["base_lrs"]]
-            for group in opt["param_groups"]:
-                group["lr"] = group["initial_lr"] * factor
-
-    @property
-    def gflops_per_video(self) -> float:
-        """The model's GFLOPs (multiply-accumulates) per video, counted once."""
-        if self._gflops is None:
-            self._gflops = self.model.gflops()
-        return self._gflops
-
     def on_fit_start(self) -> None:
-        for logger in self.loggers:  # once per run, step 0 (the loggers exist on rank 0 only)
-            logger.log_metrics({"model/gflops": self.gflops_per_video}, step=0)
+        gflops = self.model.gflops()
+        for logger in self.loggers:
+            logger.log_metrics({"model/gflops": gflops}, step=0)
