@@ -40,6 +40,7 @@ class AdaFocusModule(pl.LightningModule):
         self.skipped: list[str] = []  # videos skipped in it (skip_bad_eval), over all processes
         self._seen = 0
         self._gathered: list[dict] = []
+        self._gflops: float | None = None
 
     # ---- training ----
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -60,7 +61,8 @@ class AdaFocusModule(pl.LightningModule):
         }
         loss = sum(parts.values())
         batch_size = video.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        # no prog_bar: the bar would turn the loss into a Python float (a device sync) every step
+        self.log("train/loss", loss, batch_size=batch_size)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return loss
@@ -124,6 +126,8 @@ class AdaFocusModule(pl.LightningModule):
 
     # ---- optimiser ----
     def configure_optimizers(self):
+        """SGD (or the configured optimiser) over the four groups of SPEC §2 at ``lr x ratio``, with the
+        per-epoch cosine ``lr_e = 0.5 * lr * (1 + cos(pi * e / E))``."""
         ratios = self.optim_cfg.lr_ratios
         groups = [
             {"params": params, "name": name, "lr": self.lr * float(ratios[name])}
@@ -137,7 +141,13 @@ class AdaFocusModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs, eta_min=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    @property
+    def gflops_per_video(self) -> float:
+        """The model's GFLOPs (multiply-accumulates) per video, counted once."""
+        if self._gflops is None:
+            self._gflops = self.model.gflops()
+        return self._gflops
+
     def on_fit_start(self) -> None:
-        gflops = self.model.gflops()
-        for logger in self.loggers:
-            logger.log_metrics({"model/gflops": gflops}, step=0)
+        for logger in self.loggers:  # once per run, step 0 (the loggers exist on rank 0 only)
+            logger.log_metrics({"model/gflops": self.gflops_per_video}, step=0)

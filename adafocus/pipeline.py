@@ -39,21 +39,52 @@ def plain_config(cfg: DictConfig) -> dict:
     return out
 
 
+def _world_size(trainer_cfg: DictConfig) -> int | None:
+    """Processes the trainer config asks for (devices x nodes), or None when Lightning decides ("auto")."""
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1) or 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if isinstance(devices, str) and devices.isdigit() and int(devices) > 0:
+        return int(devices) * nodes
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return len(devices) * nodes
+    return None
+
+
 def check_config(cfg: DictConfig, stage: str = "train") -> None:
-    """Catch bad configuration before any work: clear errors, and warnings where the original only warned."""
+    """Catch bad configuration before any work: clear errors, and warnings where the original only warned.
+
+    ``stage``: "train" (train.py) or "eval" (evaluate.py / early_exit.py: no training list needed, no
+    recipe or glance_ckpt warnings since the weights come from a checkpoint)."""
     patch, size = int(cfg.patch), int(cfg.dataset.input_size)
     if not 0 < patch < size:
         raise ValueError(f"patch={patch} must be smaller than the frame size dataset.input_size={size}")
+    if cfg.logger.name not in ("csv", "tensorboard", "wandb"):
+        raise ValueError(f"logger.name={cfg.logger.name}: expected csv, tensorboard or wandb")
+    missing_ratios = {"policy", "glance", "focus", "classifier"} - set(cfg.optim.lr_ratios)
+    if missing_ratios:
+        raise ValueError(f"optim.lr_ratios lacks {sorted(missing_ratios)} (one ratio per parameter group)")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    world = _world_size(cfg.trainer)
+    if world and int(cfg.batch_size) % world:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is the total over all devices and must be divisible by the "
+            f"{world} processes (trainer.devices x trainer.num_nodes)"
+        )
     if cfg.dataset.get("generate") is None:  # a real dataset: its lists must be where data_dir says
         data_dir = Path(cfg.data_dir)
         needed = [cfg.dataset.val_list, cfg.dataset.class_index]
         if stage == "train":
             needed.insert(0, cfg.dataset.train_list)
         missing = [str(data_dir / n) for n in needed if not (data_dir / n).is_file()]
+        media = data_dir / ("videos" if cfg.dataset.backend == "video" else "frames")
+        if not media.is_dir():
+            missing.append(f"{media}/ (dataset.backend={cfg.dataset.backend})")
         if missing:
             raise FileNotFoundError(
                 f"dataset={cfg.dataset.name} needs data_dir=DIR holding its list and class files "
-                f"(and videos/ or frames/); not found: {', '.join(missing)}"
+                f"and videos/ (or frames/ with dataset.backend=frames); not found: {', '.join(missing)}"
             )
     if cfg.backbone.glance_arch == "res50" and not cfg.backbone.glance_ckpt and stage == "train":
         warnings.warn(
@@ -90,13 +121,19 @@ def _wandb_credentials() -> bool:
         return False
 
 
-def _sweep_group() -> str | None:
+def _sweep_job() -> tuple[str, str] | None:
+    """(group, run name) of a Hydra multirun job: the sweep directory's name (one W&B group per sweep)
+    and the job number with its overrides; None outside a sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().sweep.dir).name
-    return None
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    hc = HydraConfig.get()
+    sweep = Path(hc.sweep.dir)
+    group = f"{sweep.parent.name}_{sweep.name}" if sweep.parent.name else sweep.name
+    shown = [o for o in hc.overrides.task if not o.split("=")[0].lstrip("+~").endswith(("_dir", "_root"))]
+    return group, f"{hc.job.num}:{','.join(shown)}"[:120]
 
 
 def build_loggers(cfg: DictConfig, config: dict) -> list[Logger]:
@@ -109,24 +146,23 @@ def build_loggers(cfg: DictConfig, config: dict) -> list[Logger]:
     elif name == "wandb":
         offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not _wandb_credentials()
         if offline and pl.utilities.rank_zero.rank_zero_only.rank == 0:
-            console.print(
-                f"W&B: no credentials (wandb login / WANDB_API_KEY), logging offline; upload later with "
-                f"[bold]wandb sync {out_dir / 'wandb'}/offline-run-*[/]"
-            )
+            has_key = _wandb_credentials()
+            why = "WANDB_MODE=offline" if has_key else "no credentials (wandb login / WANDB_API_KEY)"
+            sync = f"wandb sync {out_dir / 'wandb'}/offline-run-*"
+            print(f"W&B: {why}, logging offline; upload later with: {sync}", flush=True)  # one unwrapped line
+        group, run_name = _sweep_job() or (None, out_dir.name)
         wandb_logger = WandbLogger(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
-            group=cfg.logger.group or _sweep_group(),
+            group=cfg.logger.group or group,
             tags=list(cfg.logger.tags),
-            name=out_dir.name,
+            name=run_name,
             save_dir=str(out_dir),
             offline=offline,
             log_model=cfg.logger.log_model,
         )
         wandb_logger.log_hyperparams(config)
         loggers.append(wandb_logger)
-    elif name != "csv":
-        raise ValueError(f"logger={name}: expected csv, tensorboard or wandb")
     loggers.append(CSVLogger(out_dir, name="csv", version=""))
     return loggers
 
@@ -159,8 +195,6 @@ def train(cfg: DictConfig) -> dict:
     check_config(cfg, "train")
     pl.seed_everything(int(cfg.seed), workers=True)
     config = plain_config(cfg)
-    datamodule = instantiate(cfg.data)
-    module = AdaFocusModule(config)
     metric = f"val/{cfg.dataset.metric}"
     checkpoint = ModelCheckpoint(
         dirpath=Path(cfg.output_dir) / "checkpoints",
@@ -178,14 +212,16 @@ def train(cfg: DictConfig) -> dict:
         callbacks.append(FocusVisualizationCallback(every_n_epochs=int(cfg.visualize_every)))
     loggers = build_loggers(cfg, config)
     trainer = build_trainer(cfg, loggers, callbacks, max_epochs=int(cfg.epochs))
-    if int(cfg.batch_size) % trainer.world_size:
+    if int(cfg.batch_size) % trainer.world_size:  # devices="auto" etc.: known once the Trainer exists
         raise ValueError(
             f"batch_size={cfg.batch_size} is the total over all devices and must be divisible by the "
             f"{trainer.world_size} processes (trainer.devices x trainer.num_nodes)"
         )
+    datamodule = instantiate(cfg.data)
+    module = AdaFocusModule(config)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
-    gflops = module.model.gflops()
+    gflops = module.gflops_per_video
     best = checkpoint.best_model_score
     results = {
         "best_" + cfg.dataset.metric: None if best is None else float(best),
@@ -203,13 +239,20 @@ def train(cfg: DictConfig) -> dict:
             artifact = wandb.Artifact(f"model-{Path(cfg.output_dir).name}", type="model")
             artifact.add_file(checkpoint.best_model_path, name="best.ckpt")
             loggers[0].experiment.log_artifact(artifact)
-        table = Table(title=f"AdaFocusV2 on {cfg.dataset.name}: done in {results['seconds'] / 60:.1f} min")
-        table.add_column("")
-        table.add_column("")
-        table.add_row(f"best {metric}", "n/a" if best is None else f"{float(best):.2f}")
-        table.add_row("GFLOPs / video", f"{gflops:.3f}")
-        table.add_row("best checkpoint", checkpoint.best_model_path or "-")
-        console.print(table)
+        # plain lines, never wrapped or cut: the checkpoint path must survive any terminal width / log file
+        summary = {
+            f"best {metric}": "n/a" if best is None else f"{float(best):.2f}",
+            "GFLOPs / video": f"{gflops:.4g}",
+            "best checkpoint": checkpoint.best_model_path or "-",
+            "last checkpoint": checkpoint.last_model_path or "-",
+        }
+        print(f"AdaFocusV2 on {cfg.dataset.name}: done in {results['seconds'] / 60:.1f} min", flush=True)
+        for key, value in summary.items():
+            print(f"  {key:<16} {value}", flush=True)
+    if cfg.logger.name == "wandb":
+        import wandb
+
+        wandb.finish()  # else the next job of a multirun (same process) logs into this run
     return results
 
 
@@ -292,7 +335,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     module, run_cfg, datamodule, trainer = _run_eval(
         cfg, "val", cfg.get("limit"), bool(cfg.get("predictions_out")), overrides
     )
-    gflops = module.model.gflops()
+    gflops = module.gflops_per_video
     metrics = {
         k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
     }
@@ -321,18 +364,25 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if int(cfg.get("visualize") or 0) > 0:
         results["pictures"] = [str(p) for pair in _visualize(module, datamodule, run_cfg, cfg) for p in pair]
     table = Table(title=f"{Path(cfg.ckpt_path).name} on {run_cfg.dataset.name} (policy={module.eval_policy})")
-    for key in results:
-        if key != "pictures":
-            table.add_column(key)
-    table.add_row(
-        *(f"{v:.2f}" if isinstance(v, float) else str(v) for k, v in results.items() if k != "pictures")
-    )
+    shown = [k for k in ("top1", "top5", "map", "gflops", "num_videos", "skipped") if k in results]
+    for key in shown:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{results[k]:.4g}" if k == "gflops" else _fmt(results[k]) for k in shown))
     console.print(table)
+    print(f"metrics: {out_dir / 'metrics.json'}", flush=True)  # plain lines: paths are never cut
+    if "predictions" in results:
+        print(f"predictions: {results['predictions']}", flush=True)
+    if "pictures" in results:
+        print(f"pictures: {Path(cfg.output_dir) / 'focus'} ({len(results['pictures'])} files)", flush=True)
     if run_cfg.data.skip_bad_eval and results["skipped"]:
         console.print(
             f"{results['skipped']} videos could not be decoded and were skipped: {module.skipped[:10]}"
         )
     return results
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 @torch.no_grad()
@@ -364,6 +414,6 @@ def compute_predictions(
     module, run_cfg, _, _ = _run_eval(cfg, split, limit, True, overrides)
     p = module.gathered_predictions()
     return make_predictions(
-        p["logits"], p["labels"], p["paths"], module.model.gflops(), run_cfg.dataset.metric,
+        p["logits"], p["labels"], p["paths"], module.gflops_per_video, run_cfg.dataset.metric,
         run_cfg.dataset.name, run_cfg,
     )  # fmt: skip

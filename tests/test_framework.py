@@ -97,6 +97,14 @@ def test_bad_configuration_is_caught_before_work(tmp_path):
         config("dataset=kinetics")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "actnet_train_split.txt")):
         check_config(config("dataset=actnet", f"data_dir={tmp_path}"))
+    for name in ("actnet_train_split.txt", "actnet_val_split.txt", "classInd.txt"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(FileNotFoundError, match="videos/"):  # lists there, but no videos
+        check_config(config("dataset=actnet", f"data_dir={tmp_path}"))
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        check_config(config(f"ckpt_path={tmp_path / 'missing.ckpt'}"))
+    with pytest.raises(ValueError, match="divisible"):  # from the config alone, before any Trainer
+        check_config(config("trainer=ddp", "trainer.devices=3"))
     with pytest.raises(ValueError, match="patch=64"):
         check_config(config("patch=64", "dataset.input_size=64"))
     with pytest.warns(UserWarning, match="glance_ckpt"):
@@ -236,7 +244,10 @@ def test_wandb_offline_without_credentials(data_root, tmp_path):
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), WANDB_DIR=str(tmp_path))
     out = tmp_path / "run"
     result = run("train.py", *TINY, f"data_root={data_root}", "logger=wandb", f"hydra.run.dir={out}", env=env)
-    assert "wandb sync" in result.stdout + result.stderr
+    hint = [line for line in result.stdout.splitlines() if line.startswith("W&B:")]  # one line, how to sync
+    assert len(hint) == 1 and hint[0].endswith(f"wandb sync {out / 'wandb'}/offline-run-*"), result.stdout
+    best = next((out / "checkpoints").glob("best-*.ckpt"))
+    assert f"best checkpoint  {best}" in result.stdout  # the summary's path, whole
     assert list(out.glob("wandb/offline-run-*"))
     assert val_rows(out)  # the CSV log is always written
 
