@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,7 @@ from adafocus.models.backbones import build_trunk, get_backbone
 from adafocus.models.classifier import RecurrentPoolingClassifier
 from adafocus.models.glance import GlanceNetwork
 from adafocus.models.patch import PatchExtractor
-from adafocus.models.policy import PolicyNetwork
-
-POLICIES = ("learned", "random", "center")
+from adafocus.models.policy import POLICIES, PolicyNetwork
 
 
 @dataclass
@@ -30,19 +29,21 @@ class AdaFocusOutput:
     logits: torch.Tensor  # [B, T, C] per-step classifier logits; the prediction is logits[:, -1]
     global_logits: torch.Tensor  # [B, T, C] glance head
     local_logits: torch.Tensor  # [B, T, C] focus head
-    actions: torch.Tensor  # [B, T, 2] patch positions (row, col) in [0, 1]
+    actions: torch.Tensor  # [B, T, 2] patch positions (row, col) in [0, 1] ([B, T, 3] with a patch size)
 
 
 class AdaFocusV2(nn.Module):
     """The whole network: ``model(video)`` with ``video`` float ``[B, T, 3, H, W]`` (normalised, frames in
     processing order) -> :class:`AdaFocusOutput`.
 
-    Parts (attribute names): ``glance`` (GlanceNetwork), ``glance_head``, ``policy`` (PolicyNetwork),
-    ``patch_extractor`` (PatchExtractor), ``focus`` (trunk), ``local_head``, ``classifier``
-    (RecurrentPoolingClassifier). Training glances once and focuses twice::
+    Parts (attribute names): ``glance`` (GlanceNetwork), ``glance_head``, ``policy`` (the trained policy,
+    :class:`PolicyNetwork` unless ``policy`` builds another, see :mod:`.policy`), ``patch_extractor``
+    (PatchExtractor), ``focus`` (trunk), ``local_head``, ``classifier`` (RecurrentPoolingClassifier).
+    ``policy``: a factory ``(in_channels=, map_size=) -> nn.Module`` (a Hydra ``_partial_`` node); None: the
+    learned GRU policy of width ``stn_hidden_dim``. Training glances once and focuses twice::
 
         g = model.run_glance(video)
-        learned, random = model.run_focus(video, g, "learned"), model.run_focus(video, g, "random")
+        learned, random = model.run_focus(video, g), model.run_focus(video, g, "random")
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class AdaFocusV2(nn.Module):
         glance_ckpt: str | None = None,
         glance_size: int | None = None,
         classifier_dim: int = 4096,
+        policy: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         if not 0 < patch_size < input_size:
@@ -80,7 +82,12 @@ class AdaFocusV2(nn.Module):
         with torch.no_grad():  # the glance map's spatial size, for the policy's Linear
             probe = self.glance.eval()(torch.zeros(1, 3, input_size, input_size))
         self.glance.train()
-        self.policy = PolicyNetwork(glance_spec.dim, tuple(probe.shape[-2:]), stn_hidden_dim)
+        self.glance_shape = {"in_channels": glance_spec.dim, "map_size": tuple(probe.shape[-2:])}
+        self.policy = (
+            PolicyNetwork(**self.glance_shape, hidden_dim=stn_hidden_dim)
+            if policy is None
+            else (policy(**self.glance_shape))
+        )
         self.patch_extractor = PatchExtractor(patch_size)
         self.focus = build_trunk(focus_arch, pretrained)
         self.local_head = nn.Sequential(nn.Dropout(fc_dropout), nn.Linear(focus_spec.dim, num_classes))
@@ -109,20 +116,23 @@ class AdaFocusV2(nn.Module):
         logits = self.glance_head(features)  # (B*T, C)
         return GlanceOutput(fmap.view(b, t, *fmap.shape[1:]), features.view(b, t, -1), logits.view(b, t, -1))
 
-    def actions(self, glance: GlanceOutput, policy: str = "learned") -> torch.Tensor:
-        """Patch positions ``[B, T, 2]`` for ``policy`` in learned / random / center."""
-        fmap = glance.feature_map
-        b, t = fmap.shape[:2]
-        if policy == "learned":
-            return self.policy(fmap.detach())  # stop-gradient: the policy never trains the glance
-        if policy == "random":
-            return torch.rand(b, t, 2, device=fmap.device, dtype=fmap.dtype)
-        if policy == "center":
-            return fmap.new_full((b, t, 2), 0.5)
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    def actions(self, glance: GlanceOutput, policy: str | nn.Module | None = None) -> torch.Tensor:
+        """Patch positions ``[B, T, 2]`` (or ``[B, T, 3]`` with sizes) from the glance maps.
 
-    def run_focus(self, video: torch.Tensor, glance: GlanceOutput, policy: str = "learned") -> AdaFocusOutput:
-        """Focus on the patches chosen by ``policy`` and classify every step."""
+        ``policy``: None or "learned" (this model's trained policy), a name of :data:`POLICIES` (a fixed
+        policy: "random", "center"), or a policy module."""
+        if policy is None or policy == "learned":
+            policy = self.policy
+        elif isinstance(policy, str):
+            if policy not in POLICIES:
+                raise ValueError(f"policy must be one of {sorted(POLICIES)} or a module, got {policy!r}")
+            policy = POLICIES[policy](**self.glance_shape)
+        return policy(glance.feature_map.detach())  # stop-gradient: no policy ever trains the glance
+
+    def run_focus(
+        self, video: torch.Tensor, glance: GlanceOutput, policy: str | nn.Module | None = None
+    ) -> AdaFocusOutput:
+        """Focus on the patches chosen by ``policy`` (see :meth:`actions`) and classify every step."""
         self.check_input(video, values=False)  # run_glance checked the values (one device sync per step)
         if glance.features.shape[:2] != video.shape[:2]:
             raise ValueError(
@@ -130,15 +140,16 @@ class AdaFocusV2(nn.Module):
                 f"the video of {list(video.shape[:2])}; pass run_glance(video) of this video"
             )
         b, t = video.shape[:2]
-        actions = self.actions(glance, policy)  # (B, T, 2)
-        patches = self.patch_extractor(video.flatten(0, 1), actions.flatten(0, 1))  # (B*T, 3, P, P)
+        actions = self.actions(glance, policy)  # (B, T, 2) or (B, T, 3)
+        sizes = actions[..., 2].flatten() * self.input_size if actions.shape[-1] == 3 else None  # (B*T,)
+        patches = self.patch_extractor(video.flatten(0, 1), actions.flatten(0, 1), sizes)  # (B*T, 3, P, P)
         local = self.focus(patches).mean(dim=(2, 3))  # (B*T, Cf)
         local_logits = self.local_head(local).view(b, t, -1)  # (B, T, C)
         fused = torch.cat([glance.features, local.view(b, t, -1)], dim=-1)  # (B, T, Cg + Cf)
         logits = self.classifier(fused)  # (B, T, C)
         return AdaFocusOutput(logits, glance.global_logits, local_logits, actions)
 
-    def forward(self, video: torch.Tensor, policy: str = "learned") -> AdaFocusOutput:
+    def forward(self, video: torch.Tensor, policy: str | nn.Module | None = None) -> AdaFocusOutput:
         return self.run_focus(video, self.run_glance(video), policy)
 
     # ---- bookkeeping ----

@@ -26,6 +26,7 @@ class Backbone:
     dim: int  # channels of the output map
     resize: int | None = None  # glance input size (None = the full frame)
     resize_mode: str = "bilinear"
+    weights_prefix: str = ""  # where the trunk sits in torchvision's weights ("features." for MobileNets)
 
 
 def _resnet_trunk(resnet: nn.Module) -> nn.Module:
@@ -45,11 +46,13 @@ def _mbv3s() -> nn.Module:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "mbv2": Backbone(_mbv2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, 1280),
+    "mbv2": Backbone(_mbv2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, 1280, weights_prefix="features."),
     "res50": Backbone(
         lambda: _resnet_trunk(tvm.resnet50()), tvm.ResNet50_Weights.IMAGENET1K_V1, 2048, resize=96
     ),
-    "mbv3s": Backbone(_mbv3s, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 16, resize_mode="area"),
+    "mbv3s": Backbone(
+        _mbv3s, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 16, "area", weights_prefix="features."
+    ),
     "res18": Backbone(lambda: _resnet_trunk(tvm.resnet18()), tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
 }
 
@@ -81,7 +84,7 @@ def build_trunk(name: str, pretrained: bool) -> nn.Module:
         # The trunk keeps torchvision's parameter names, minus the classifier / fc it does not have.
         state = imagenet_state_dict(spec.weights)
         own = trunk.state_dict()
-        prefix = "features." if name.startswith("mb") else ""
+        prefix = spec.weights_prefix
         picked = {
             k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in own
         }

@@ -1,4 +1,11 @@
-"""The policy network ("STN" in the original) that picks where the focus looks (SPEC §1.3)."""
+"""Where the focus looks: the learned policy network ("STN" in the original) and fixed baselines (SPEC §1.3).
+
+A policy maps the glance feature maps ``[B, T, C, h, w]`` (already detached: no policy trains the glance)
+to actions ``[B, T, 2]`` (patch row, col in [0, 1]) or ``[B, T, 3]`` (plus the patch side as a fraction of
+the frame side, for scale-aware policies). It is built from the glance map's shape,
+``policy_cls(in_channels=C, map_size=(h, w), ...)``, so a new policy is one class here (or anywhere,
+by ``_target_``) plus one file in ``conf/policy/``.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,10 @@ from torch import nn
 
 
 class PolicyNetwork(nn.Module):
-    """Glance feature maps ``[B, T, C, h, w]`` -> actions ``[B, T, 2]`` (row, col in [0, 1]).
-
-    encoder (per frame): conv 1x1 (C -> 64, no bias) -> BN2d -> Tanh -> flatten -> Linear(64*h*w -> hidden)
-    -> BN1d -> Tanh; a one-layer GRU over the T frames (zero initial state, so action t depends on frames
-    1..t only); head: Linear(hidden -> 2) -> Sigmoid. Module indices follow the published checkpoints.
+    """The learned policy: encoder (per frame) conv 1x1 (C -> 64, no bias) -> BN2d -> Tanh -> flatten ->
+    Linear(64*h*w -> hidden) -> BN1d -> Tanh; a one-layer GRU over the T frames (zero initial state, so
+    action t depends on frames 1..t only); head Linear(hidden -> 2) -> Sigmoid. Module indices follow the
+    published checkpoints.
     """
 
     def __init__(self, in_channels: int, map_size: tuple[int, int], hidden_dim: int = 2048):
@@ -34,3 +40,32 @@ class PolicyNetwork(nn.Module):
         x = self.encoder(feature_map.flatten(0, 1))  # (B*T, hidden)
         x, _ = self.gru(x.view(b, t, -1))  # (B, T, hidden)
         return self.fc(x)  # (B, T, 2)
+
+
+class RandomPolicy(nn.Module):
+    """Uniformly random patch positions, ``U[0, 1]^2`` per frame: training's diversity pass (SPEC §2) and the
+    paper's random-patch ablation. ``in_channels`` / ``map_size``: the policy contract; unused."""
+
+    def __init__(self, in_channels: int | None = None, map_size: tuple[int, int] | None = None):
+        super().__init__()
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        b, t = feature_map.shape[:2]
+        return torch.rand(b, t, 2, device=feature_map.device, dtype=feature_map.dtype)  # (B, T, 2)
+
+
+class CenterPolicy(nn.Module):
+    """The centre patch on every frame (the paper's centre-patch ablation). Arguments as RandomPolicy."""
+
+    def __init__(self, in_channels: int | None = None, map_size: tuple[int, int] | None = None):
+        super().__init__()
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return feature_map.new_full((*feature_map.shape[:2], 2), 0.5)  # (B, T, 2)
+
+
+POLICIES: dict[str, type[nn.Module]] = {
+    "learned": PolicyNetwork,
+    "random": RandomPolicy,
+    "center": CenterPolicy,
+}
