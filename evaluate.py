@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from adafocus.pipeline import evaluate
+from adafocus.tasks import evaluate
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

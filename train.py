@@ -1,15 +1,14 @@
-"""Train AdaFocusV2: `python train.py [dataset=...] [backbone=...] [patch=...] [trainer=...] [logger=...]`."""
+"""Train AdaFocusV2: `python train.py [dataset=...] [backbone=...] [patch=...] [experiment=...]`."""
 
 import hydra
 from omegaconf import DictConfig
 
-from adafocus.pipeline import train
+from adafocus.tasks import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    results = train(cfg)
-    return results.get(f"best_{cfg.dataset.metric}")  # the value a Hydra sweeper optimises
+    return train(cfg).get(f"best_{cfg.dataset.metric}")  # the value a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

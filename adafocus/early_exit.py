@@ -16,26 +16,20 @@ Everything is vectorised over videos and budgets (loops only over the T steps an
 ``criterion="max_logit"`` the exits (hence the numbers) equal the original algorithm's on the same logits;
 ties in confidence are broken by video index (stable sort).
 
-``run_early_exit(cfg)`` is the entry point of ``early_exit.py`` (Hydra config ``conf/early_exit.yaml``).
+The task around it (predictions, outputs, loggers) is :mod:`adafocus.tasks.early_exit`.
 ``python -m adafocus.early_exit --bench`` times the algorithm on random logits of the Mini-Kinetics size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from adafocus.fileio import atomic_path
 
 CRITERIA = ("softmax", "max_logit")
 DEFAULT_BUDGETS = [round(0.1 * i, 10) for i in range(5, 40)]  # 0.5, 0.6, ..., 3.9 (the original's sweep)
@@ -111,13 +105,6 @@ def exit_steps(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     ge = conf.unsqueeze(0) >= thresholds.unsqueeze(1)  # (P, N, T)
     steps = torch.arange(t).expand_as(ge)
     return torch.where(ge, steps, t).amin(dim=-1).clamp(max=t - 1)  # η_T = -inf: always exits by T
-
-
-def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """labels long [N, L] (-1 padded) -> long [N, C] multi-hot."""
-    target = torch.zeros(labels.shape[0], num_classes + 1, dtype=torch.long)
-    target.scatter_(1, torch.where(labels < 0, num_classes, labels), 1)  # padding goes to the extra column
-    return target[:, :num_classes]
 
 
 def video_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
@@ -223,263 +210,6 @@ def early_exit_sweep(
         num_eval=n_eval,
         seconds=time.perf_counter() - start,
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# outputs: CSV, plot, table
-# ----------------------------------------------------------------------------------------------------
-def write_csv(result: EarlyExitResult, path: str | os.PathLike) -> Path:
-    """early_exit.csv: header p,gflops,metric, one row per budget; written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["p", "gflops", "metric"])
-        for p, g, m in result.rows():
-            w.writerow([f"{p:g}", f"{g:.6f}", f"{m:.6f}"])
-    return Path(path)
-
-
-def make_plot(result: EarlyExitResult, title: str | None = None):
-    """matplotlib Figure (Agg canvas, no pyplot state): metric vs GFLOPs/video, no-exit point marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(result.gflops, result.metric, "o-", ms=3.5, lw=1.4, label=f"AdaFocusV2+ ({result.criterion})")
-    t = result.thresholds.shape[1]
-    ax.plot(
-        [result.full_gflops],
-        [result.full_metric],
-        "r*",
-        ms=13,
-        label=f"no early exit (all {t} steps)",
-        zorder=5,
-    )
-    ax.set_xlabel("GFLOPs / video")
-    ax.set_ylabel(METRIC_LABELS.get(result.metric_name, result.metric_name))
-    ax.set_title(title or "Early exit: accuracy vs. budget")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def save_plot(result: EarlyExitResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """Write the plot as PNG atomically."""
-    fig = make_plot(result, title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
-
-
-def make_table(result: EarlyExitResult, title: str | None = None):
-    """rich Table of the sweep (plus the no-exit row)."""
-    from rich.table import Table
-
-    name = METRIC_LABELS.get(result.metric_name, result.metric_name)
-    table = Table(title=title or f"AdaFocusV2+ early exit ({result.criterion})")
-    table.add_column("p", justify="right")
-    table.add_column("GFLOPs / video", justify="right")
-    table.add_column(name, justify="right")
-    for p, g, m in result.rows():
-        table.add_row(f"{p:g}", f"{g:.3f}", f"{m:.2f}")
-    table.add_section()
-    table.add_row("no exit", f"{result.full_gflops:.3f}", f"{result.full_metric:.2f}", style="bold")
-    return table
-
-
-# ----------------------------------------------------------------------------------------------------
-# config helpers and the CLI entry point
-# ----------------------------------------------------------------------------------------------------
-def budgets_from_cfg(cfg) -> list[float]:
-    """cfg.budgets (explicit list) if set, else budget_start..budget_stop (inclusive) by budget_step."""
-    explicit = cfg.get("budgets")
-    if explicit is not None:
-        if isinstance(explicit, (int, float)):
-            explicit = [explicit]
-        try:
-            values = [float(b) for b in explicit]
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"budgets={explicit!r}: expected a list of numbers, e.g. budgets=[0.5,1.0,2.0]"
-            ) from e
-    else:
-        start, stop, step = (float(cfg.get(k)) for k in ("budget_start", "budget_stop", "budget_step"))
-        if not step > 0 or stop < start:
-            raise ValueError(
-                f"budget_start={start}, budget_stop={stop}, budget_step={step}: "
-                "expected budget_step > 0 and budget_stop >= budget_start"
-            )
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
-        values = [round(start + i * step, 10) for i in range(count)]
-    bad = [b for b in values if not b > 0]
-    if bad or not values:
-        raise ValueError(f"budgets {values}: every budget p must be > 0 and there must be at least one")
-    return values
-
-
-def _output_dir(cfg) -> Path:
-    out = cfg.get("output_dir")
-    if out:
-        return Path(out)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:
-        return Path.cwd()
-
-
-def _dataset_overridden() -> bool:
-    """True when the user chose the dataset on the command line (then files are checked against it)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return any(o.split("=", 1)[0].lstrip("+~") == "dataset" for o in HydraConfig.get().overrides.task)
-    except Exception:
-        return False
-
-
-def _logger_choice(cfg) -> str:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choice = HydraConfig.get().runtime.choices.get("logger")
-        if choice:
-            return str(choice)
-    except Exception:
-        pass
-    node = cfg.get("logger")
-    return str(node) if node is not None else ""
-
-
-def _predictions(cfg, which: str, out_dir: Path, expect: dict) -> tuple[dict, str]:
-    """Load ``{which}_predictions`` or compute them with the framework and keep a copy in the output dir."""
-    from adafocus.predictions import load_predictions, save_predictions
-
-    given = cfg.get(f"{which}_predictions")
-    if given:
-        return load_predictions(given, **expect), str(given)
-    if not cfg.get("ckpt_path"):
-        raise ValueError(
-            f"early exit needs {which} predictions: give ckpt_path=FILE (a trained checkpoint; predictions "
-            "are "
-            f"computed) or {which}_predictions=FILE (a prediction file from evaluate.py predictions_out=FILE)"
-        )
-    from adafocus import pipeline
-
-    if which == "calib":
-        split, limit = cfg.get("calib_split", "train"), cfg.get("calib_size")
-    else:
-        split, limit = cfg.get("eval_split", "val"), cfg.get("eval_size")
-    log.info("computing %s predictions on split %r (limit=%s) with %s", which, split, limit, cfg.ckpt_path)
-    preds = pipeline.compute_predictions(cfg, split=split, limit=limit)
-    path = save_predictions(out_dir / f"{which}_predictions.pt", preds)
-    return load_predictions(path, **expect), str(path)
-
-
-def run_early_exit(cfg) -> dict:
-    """Entry point of ``early_exit.py``: predictions (given or computed) -> sweep -> CSV, PNG, table, W&B."""
-    from rich.console import Console
-
-    from adafocus.predictions import check_compatible
-
-    criterion = str(cfg.get("criterion", "softmax"))
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: expected one of {list(CRITERIA)} (softmax = paper)")
-    budgets = budgets_from_cfg(cfg)
-    out_dir = _output_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    expect: dict[str, Any] = {}
-    if _dataset_overridden():
-        expect = {"num_classes": int(cfg.dataset.num_classes), "metric": str(cfg.dataset.metric)}
-    calib, calib_src = _predictions(cfg, "calib", out_dir, expect)
-    evals, eval_src = _predictions(cfg, "eval", out_dir, expect)
-    check_compatible(calib, evals, calib_src, eval_src)
-
-    result = early_exit_sweep(
-        calib["logits"],
-        evals["logits"],
-        evals["labels"],
-        gflops_per_video=evals["gflops_per_video"],
-        metric=evals["metric"],
-        budgets=budgets,
-        criterion=criterion,
-    )
-    title = (
-        f"{evals['dataset']}: AdaFocusV2+ ({criterion}), {result.num_calib} calibration / "
-        f"{result.num_eval} evaluation videos"
-    )
-    csv_path = write_csv(result, out_dir / "early_exit.csv")
-    png_path = save_plot(
-        result, out_dir / "early_exit.png", title=f"{evals['dataset']}: AdaFocusV2+ ({criterion})"
-    )
-    console = Console()
-    console.print(make_table(result, title=title))
-    console.print(
-        f"sweep of {len(budgets)} budgets took {result.seconds:.2f} s; wrote {csv_path} and {png_path}"
-    )
-    if "wandb" in _logger_choice(cfg).lower():
-        _log_wandb(cfg, result, png_path)
-    return {
-        "rows": [{"p": p, "gflops": g, "metric": m} for p, g, m in result.rows()],
-        "no_exit": {"gflops": result.full_gflops, "metric": result.full_metric},
-        "metric_name": result.metric_name,
-        "criterion": criterion,
-        "csv": str(csv_path),
-        "plot": str(png_path),
-        "calib_predictions": calib_src,
-        "eval_predictions": eval_src,
-        "seconds": result.seconds,
-    }
-
-
-def _log_wandb(cfg, result: EarlyExitResult, png_path: Path) -> None:
-    """Log the table and the plot to W&B (online with credentials, otherwise offline)."""
-    import wandb
-
-    logger_cfg = cfg.get("logger") or {}
-    get = logger_cfg.get if hasattr(logger_cfg, "get") else (lambda k, d=None: d)
-    online = bool(os.environ.get("WANDB_API_KEY")) or _has_netrc_wandb()
-    mode = os.environ.get("WANDB_MODE") or ("online" if online else "offline")
-    from omegaconf import OmegaConf
-
-    try:
-        config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:
-        config = OmegaConf.to_container(cfg, resolve=False)
-    run = wandb.init(
-        project=get("project", None) or "adafocus",
-        entity=get("entity", None),
-        group=get("group", None),
-        job_type="early_exit",
-        dir=str(_output_dir(cfg)),
-        mode=mode,
-        config=config,
-    )
-    table = wandb.Table(columns=["p", "gflops", "metric"], data=[list(r) for r in result.rows()])
-    run.log(
-        {
-            "early_exit/table": table,
-            "early_exit/plot": wandb.Image(str(png_path)),
-            "early_exit/curve": wandb.plot.line(table, "gflops", "metric", title="metric vs GFLOPs/video"),
-            "early_exit/no_exit_gflops": result.full_gflops,
-            "early_exit/no_exit_metric": result.full_metric,
-        }
-    )
-    run_dir = run.dir
-    run.finish()
-    if mode == "offline":
-        print(f"W&B offline (no credentials): sync later with `wandb sync {Path(run_dir).parent}`")
-
-
-def _has_netrc_wandb() -> bool:
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "api.wandb.ai" in netrc.read_text()
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Writing files so that nothing is ever half-written: a temporary name in the same folder, then a rename."""
+"""Writing files so that nothing is ever half-written: a temporary name in the same folder, then a rename
+(also for Lightning's checkpoints)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
 @contextlib.contextmanager
@@ -34,3 +38,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return Path(path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, through :func:`atomic_path`: never a half-written checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)

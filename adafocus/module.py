@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import SumMetric
 
 from adafocus.metrics import VideoMetrics
 from adafocus.models import AdaFocusV2
 
 LOSS_PARTS = ("cat", "global", "local")
+RANDOM = {"_target_": "adafocus.models.policy.RandomPolicy", "_partial_": True}
 
 
 class AdaFocusModule(pl.LightningModule):
@@ -19,27 +22,33 @@ class AdaFocusModule(pl.LightningModule):
 
     ``config``: the resolved run config as plain containers (stored in the checkpoint, loadable with
     ``torch.load(weights_only=True)``); it needs ``model`` (Hydra node of :class:`AdaFocusV2`), ``optim``,
-    ``lr``, ``epochs`` and ``dataset.{num_classes,multilabel,metric}``. ``model``: an already built network
-    (e.g. from a published checkpoint) instead of ``config.model``.
+    ``lr``, ``epochs``, ``aux_policies`` and ``dataset.{num_classes,multilabel}``. ``model``: an already
+    built network (e.g. from a published checkpoint) instead of ``config.model``. ``eval_policy``: the
+    policy of the test / predict loops (None: the model's own; a name of ``POLICIES`` or a module).
+
+    Loops: ``fit`` trains (one glance, a focus pass at the model's policy plus one per auxiliary policy,
+    the loss the mean over the passes) and validates (``val/*``); ``test`` evaluates (``test/*``, plus
+    ``test/num_videos``); ``predict`` returns every video's per-step logits, labels, index and path.
     """
 
-    def __init__(self, config: dict, model: AdaFocusV2 | None = None):
+    def __init__(
+        self, config: dict, model: AdaFocusV2 | None = None, eval_policy: nn.Module | str | None = None
+    ):
         super().__init__()
-        self.save_hyperparameters({"config": config}, ignore=["model"])
+        self.save_hyperparameters({"config": config}, ignore=["model", "eval_policy"])
         cfg = OmegaConf.create(config)
         self.model: AdaFocusV2 = model if model is not None else instantiate(cfg.model)
+        self.aux_policies = [
+            instantiate(node)(**self.model.glance_shape) for node in cfg.get("aux_policies", [])
+        ]
+        self.eval_policy = eval_policy
         self.optim_cfg: DictConfig = cfg.optim
         self.lr = float(cfg.lr)
         self.epochs = int(cfg.epochs)
-        self.num_classes = int(cfg.dataset.num_classes)
-        self.val_metrics = VideoMetrics(self.num_classes, bool(cfg.dataset.multilabel))
-        self.eval_policy = "learned"  # evaluate.py's policy=learned|random|center
-        self.collect_predictions = False  # keep every video's per-step logits (prediction files)
-        self.predictions: list[dict[str, torch.Tensor | list]] = []
-        self.num_videos = 0  # videos in the last validation epoch, over all processes
-        self.skipped: list[str] = []  # videos skipped in it (skip_bad_eval), over all processes
-        self._seen = 0
-        self._gathered: list[dict] = []
+        num_classes, multilabel = int(cfg.dataset.num_classes), bool(cfg.dataset.multilabel)
+        self.val_metrics = VideoMetrics(num_classes, multilabel)
+        self.test_metrics = VideoMetrics(num_classes, multilabel)
+        self.test_videos = SumMetric()
         self._gflops: float | None = None
 
     # ---- training ----
@@ -47,8 +56,9 @@ class AdaFocusModule(pl.LightningModule):
         video, label = batch["video"], batch["label"]  # (B, T, 3, H, W), (B,)
         t = video.shape[1]
         target = label.repeat_interleave(t)  # (B*T,) the video's label at every step
-        glance = self.model.run_glance(video)  # glance once, shared by both passes
-        passes = [self.model.run_focus(video, glance, policy) for policy in ("learned", "random")]
+        glance = self.model.run_glance(video)  # glance once, shared by every pass
+        passes = [self.model.run_focus(video, glance)]  # the policy learns from this pass only
+        passes += [self.model.run_focus(video, glance, policy) for policy in self.aux_policies]
         parts = {
             name: sum(
                 F.cross_entropy(
@@ -67,61 +77,46 @@ class AdaFocusModule(pl.LightningModule):
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return loss
 
-    # ---- validation / evaluation ----
+    # ---- validation / test / predict ----
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        video = batch["video"]
-        if video.shape[0] == 0:  # every video of the batch was skipped (skip_bad_eval)
-            return
-        out = self.model(video, policy=self.eval_policy)
-        self.val_metrics.update(out.logits[:, -1], batch["labels"])
-        self._seen += video.shape[0]
-        if self.collect_predictions:
-            self.predictions.append(
-                {
-                    "logits": out.logits.float().cpu(),
-                    "labels": batch["labels"].cpu(),
-                    "index": batch["index"].cpu(),
-                    "paths": list(batch["path"]),
-                }
-            )
-
-    def on_validation_epoch_start(self) -> None:
-        self.predictions, self._seen = [], 0
+        if batch["video"].shape[0]:  # empty: every video of the batch was skipped (skip_bad_eval)
+            self.val_metrics.update(self.model(batch["video"]).logits[:, -1], batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()  # synchronised over processes by torchmetrics
         self.val_metrics.reset()
-        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=False)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        skipped = (
-            datamodule.skipped_videos(datamodule.eval_split) if hasattr(datamodule, "eval_split") else []
-        )
-        local = {"seen": self._seen, "predictions": self.predictions, "skipped": skipped}
-        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            everyone: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(everyone, local)  # uneven shards: objects, not tensors
-        else:
-            everyone = [local]
-        self.num_videos = sum(e["seen"] for e in everyone)
-        self.skipped = [p for e in everyone for p in e["skipped"]]
-        self._gathered = [p for e in everyone for p in e["predictions"]]
+        self.log_dict({f"val/{k}": v for k, v in values.items()})
 
-    def gathered_predictions(self) -> dict:
-        """The last validation epoch's per-video outputs from every process, in list order:
-        ``logits [N, T, C]``, ``labels [N, L]`` (-1 padded), ``paths``."""
-        if not self._gathered:
-            raise RuntimeError("no predictions were collected (set collect_predictions before validating)")
-        width = max(p["labels"].shape[1] for p in self._gathered)
-        labels = torch.cat(
-            [F.pad(p["labels"], (0, width - p["labels"].shape[1]), value=-1) for p in self._gathered]
-        )
-        index = torch.cat([p["index"] for p in self._gathered])
-        order = index.argsort()
-        paths = [path for p in self._gathered for path in p["paths"]]
+    def test_step(self, batch: dict, batch_idx: int) -> dict | None:
+        """Scores the final step; returns what :meth:`predict_step` returns (for a prediction writer)."""
+        self.test_videos.update(batch["video"].shape[0])
+        if not batch["video"].shape[0]:
+            return None
+        logits = self.model(batch["video"], self.eval_policy).logits  # (B, T, C)
+        self.test_metrics.update(logits[:, -1], batch["labels"])
+        return self._outputs(batch, logits)
+
+    def on_test_epoch_end(self) -> None:
+        values = {f"test/{k}": v for k, v in self.test_metrics.compute().items()}
+        values["test/num_videos"] = self.test_videos.compute()
+        self.test_metrics.reset()
+        self.test_videos.reset()
+        self.log_dict(values)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict | None:
+        """``logits [B, T, C]`` (float32, CPU), ``labels [B, L]``, ``index [B]``, ``path`` of every video
+        (None for a batch whose videos were all skipped)."""
+        if not batch["video"].shape[0]:
+            return None
+        return self._outputs(batch, self.model(batch["video"], self.eval_policy).logits)
+
+    @staticmethod
+    def _outputs(batch: dict, logits: torch.Tensor) -> dict:
         return {
-            "logits": torch.cat([p["logits"] for p in self._gathered])[order],
-            "labels": labels[order],
-            "paths": [paths[i] for i in order.tolist()],
+            "logits": logits.float().cpu(),
+            "labels": batch["labels"].cpu(),
+            "index": torch.as_tensor(batch["index"]).cpu(),
+            "path": list(batch["path"]),
         }
 
     # ---- optimiser ----

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pytorch_lightning import Callback
 
 from adafocus.fileio import atomic_path
 
@@ -238,3 +239,80 @@ def check_compatible(calib: dict, evals: dict, calib_source: str, eval_source: s
             f"file {eval_source} has {evals['gflops_per_video']:.4f}; the evaluation file's value is used",
             stacklevel=2,
         )
+
+
+class PredictionWriter(Callback):
+    """Writes the prediction file of a ``test`` or ``predict`` loop (the module's step outputs: ``logits``,
+    ``labels``, ``index``, ``path`` per batch) to ``path``, under DDP too: each process saves its part next to
+    it, and global rank 0 merges the parts in list order (by ``index``), validates and writes the file.
+
+    ``meta``: the rest of the file's fields (``gflops_per_video``, ``metric``, ``dataset``, ``config``).
+    After the loop, ``predictions`` holds the merged dict on rank 0 (None elsewhere).
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict) -> None:
+        super().__init__()
+        self.path, self.meta = Path(path), meta
+        self.predictions: dict | None = None
+        self._parts: list[dict] = []
+
+    def _collect(self, outputs: dict | None) -> None:
+        if outputs is not None:
+            self._parts.append(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(outputs)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        parts, self._parts = self._parts, []
+        own = {
+            "logits": torch.cat([p["logits"] for p in parts]) if parts else torch.zeros(0),
+            "labels": _pad_cat([p["labels"] for p in parts]),
+            "index": torch.cat([p["index"] for p in parts]) if parts else torch.zeros(0, dtype=torch.long),
+            "paths": [path for p in parts for path in p["path"]],
+        }
+        part_file = self.path.with_name(f".{self.path.name}.rank{trainer.global_rank}.part")
+        if trainer.world_size > 1:
+            with atomic_path(part_file) as tmp:
+                torch.save(own, tmp)
+            trainer.strategy.barrier("prediction parts written")
+        if trainer.is_global_zero:
+            files = [
+                self.path.with_name(f".{self.path.name}.rank{r}.part") for r in range(trainer.world_size)
+            ]
+            everyone = [own] if trainer.world_size == 1 else [torch.load(f, weights_only=True) for f in files]
+            everyone = [e for e in everyone if len(e["paths"])]
+            if not everyone:
+                raise PredictionFileError(f"{self.path}: no video was predicted (all skipped?)")
+            index = torch.cat([e["index"] for e in everyone])
+            order = index.argsort()
+            paths = [p for e in everyone for p in e["paths"]]
+            self.predictions = make_predictions(
+                torch.cat([e["logits"] for e in everyone])[order],
+                _pad_cat([e["labels"] for e in everyone])[order],
+                [paths[i] for i in order.tolist()],
+                **self.meta,
+            )
+            save_predictions(self.path, self.predictions)
+            if trainer.world_size > 1:
+                for f in files:
+                    f.unlink(missing_ok=True)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("prediction file written")
+
+
+def _pad_cat(labels: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``[n_i, L_i]`` label tensors, padding with -1 to the widest: ``[sum n_i, max L_i]``."""
+    if not labels:
+        return torch.zeros(0, 1, dtype=torch.long)
+    width = max(t.shape[1] for t in labels)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in labels])

@@ -221,7 +221,8 @@ def _figure_to_array(fig) -> np.ndarray:
 
 
 class FocusVisualizationCallback(Callback):
-    """Every ``every_n_epochs`` validation epochs, draw where the policy looks on a fixed validation batch.
+    """Every ``every_n_epochs`` validation epochs (0: never), draw where the policy looks on a fixed
+    validation batch.
 
     The batch is the first ``num_videos`` videos of the first validation batch (kept on CPU the first time it
     is seen). The figure of each video goes to every WandbLogger (``log_image``, key ``focus/videos``) and
@@ -232,10 +233,10 @@ class FocusVisualizationCallback(Callback):
 
     def __init__(self, every_n_epochs: int = 1, num_videos: int = 4) -> None:
         super().__init__()
-        if every_n_epochs < 1 or num_videos < 1:
+        if every_n_epochs < 0 or num_videos < 1:
             raise ValueError(
-                f"FocusVisualizationCallback: every_n_epochs={every_n_epochs} and num_videos={num_videos} "
-                "must be >= 1"
+                f"FocusVisualizationCallback: every_n_epochs={every_n_epochs} must be >= 0 (0: off) and "
+                f"num_videos={num_videos} >= 1"
             )
         self.every_n_epochs = int(every_n_epochs)
         self.num_videos = int(num_videos)
@@ -249,7 +250,9 @@ class FocusVisualizationCallback(Callback):
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        if self._batch is not None or trainer.sanity_checking or batch_idx != 0 or dataloader_idx != 0:
+        if self.every_n_epochs == 0 or self._batch is not None or trainer.sanity_checking or batch_idx != 0:
+            return
+        if dataloader_idx != 0:
             return
         if not trainer.is_global_zero or not self._targets(trainer):
             return

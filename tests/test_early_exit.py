@@ -16,7 +16,6 @@ from PIL import Image
 
 from adafocus.early_exit import (
     DEFAULT_BUDGETS,
-    budgets_from_cfg,
     confidences,
     early_exit_sweep,
     exit_counts_target,
@@ -25,6 +24,7 @@ from adafocus.early_exit import (
     video_metric,
 )
 from adafocus.predictions import save_predictions
+from adafocus.tasks.early_exit import budgets_from_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 INF = math.inf

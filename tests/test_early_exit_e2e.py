@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from adafocus.pipeline import train
 from adafocus.predictions import load_predictions
+from adafocus.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

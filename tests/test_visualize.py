@@ -209,4 +209,4 @@ def test_callback_without_image_loggers_does_nothing(tmp_path):
     _trainer(tmp_path, [CSVLogger(tmp_path / "csv")], callback, epochs=1).fit(module, loader, loader)
     assert callback.last_logged_epoch is None and callback._batch is None
     with pytest.raises(ValueError, match="every_n_epochs"):
-        FocusVisualizationCallback(every_n_epochs=0)
+        FocusVisualizationCallback(every_n_epochs=-1)

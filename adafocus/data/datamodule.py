@@ -63,6 +63,9 @@ class VideoDataModule(pl.LightningDataModule):
         generate: Mapping[str, Any] | None = None,
         seed: int = 0,
         decode_threads: int = 1,
+        eval_limit: int | None = None,
+        predict_split: str = "val",
+        predict_transform: str = "eval",
     ) -> None:
         super().__init__()
         if list_format not in LIST_FORMATS:
@@ -80,6 +83,11 @@ class VideoDataModule(pl.LightningDataModule):
             )
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        if predict_split not in ("train", "val") or predict_transform not in ("train", "eval"):
+            raise ValueError(
+                f"predict_split must be train|val and predict_transform train|eval, got {predict_split!r}, "
+                f"{predict_transform!r}"
+            )
         if int(batch_size) < 1 or int(num_frames) < 1 or int(input_size) < 1 or int(workers) < 0:
             raise ValueError(
                 f"data.batch_size/num_frames/input_size must be >= 1 and workers >= 0, got "
@@ -110,9 +118,8 @@ class VideoDataModule(pl.LightningDataModule):
         self._entries: dict[str, list[VideoEntry]] = {}
         self._eval_datasets: dict[str, VideoClipDataset] = {}
         self._train_epoch_size = 0
-        # evaluate.py / early_exit.py: what val_dataloader() serves (split, seeded subset size)
-        self.eval_split: str = "val"
-        self.eval_limit: int | None = None
+        self.eval_limit = None if eval_limit is None else int(eval_limit)
+        self.predict_split, self.predict_transform = predict_split, predict_transform
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
@@ -168,7 +175,12 @@ class VideoDataModule(pl.LightningDataModule):
             self.train_dataset = self._dataset(self.entries("train"), train=True)
         self.val_dataset = self._dataset(self.entries("val"), train=False)
 
-    def _dataset(self, entries: list[VideoEntry], train: bool) -> VideoClipDataset:
+    def _dataset(
+        self, entries: list[VideoEntry], train: bool, train_transform: bool = False
+    ) -> VideoClipDataset:
+        """``train``: the training set (random frames and crops; bad videos substituted); else an evaluation
+        set (bad videos raise or, with skip_bad_eval, are skipped), with the training transform when
+        ``train_transform``."""
         if train:
             on_error = "substitute"
         else:
@@ -177,8 +189,8 @@ class VideoDataModule(pl.LightningDataModule):
             entries,
             self.data_dir,
             self.num_frames,
-            VideoTransform(self.input_size, train=train, augment=self.augment),
-            train=train,
+            VideoTransform(self.input_size, train=train or train_transform, augment=self.augment),
+            train=train or train_transform,
             backend=self.backend,
             frame_template=self.frame_template,
             decode_short_side=self.decode_short_side,
@@ -222,16 +234,29 @@ class VideoDataModule(pl.LightningDataModule):
         return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        if self.eval_split != "val" or self.eval_limit is not None:
-            return self.eval_dataloader(self.eval_split, self.eval_limit, self.seed)
         if self.val_dataset is None:
             raise RuntimeError("VideoDataModule.setup() must run before val_dataloader()")
         self._eval_datasets["val"] = self.val_dataset
         return self._loader(self.val_dataset, self._eval_sampler(self.val_dataset))
 
-    def eval_dataloader(self, split: str = "val", limit: int | None = None, seed: int = 0) -> DataLoader:
-        """Deterministic eval-transform loader over ``split`` ("val" / "train"); ``limit``: a seeded random
-        subset of that many videos (kept in list order). Works with or without a prior setup()."""
+    def test_dataloader(self) -> DataLoader:
+        """The val split (``eval_limit``: a seeded random subset), eval transform: what evaluate.py scores."""
+        return self.eval_dataloader("val", self.eval_limit, self.seed)
+
+    def predict_dataloader(self) -> DataLoader:
+        """``predict_split`` (``eval_limit``: a seeded random subset) with ``predict_transform``: what the
+        prediction files hold (early exit calibrates on train videos with the training transform)."""
+        return self.eval_dataloader(
+            self.predict_split, self.eval_limit, self.seed, train_transform=self.predict_transform == "train"
+        )
+
+    def eval_dataloader(
+        self, split: str = "val", limit: int | None = None, seed: int = 0, train_transform: bool = False
+    ) -> DataLoader:
+        """Loader over ``split`` ("val" / "train") in list order, every video once (under DDP too);
+        ``limit``: a seeded random subset of that many videos (kept in list order); ``train_transform``:
+        random TSN frames and the training augmentation instead of the deterministic eval ones. Works with
+        or without a prior setup()."""
         if self.per_device_batch_size is None:
             self.setup("validate")
         if not self.class_names:
@@ -241,7 +266,7 @@ class VideoDataModule(pl.LightningDataModule):
             generator = torch.Generator().manual_seed(int(seed))
             keep = sorted(torch.randperm(len(entries), generator=generator)[: int(limit)].tolist())
             entries = [entries[i] for i in keep]
-        dataset = self._dataset(entries, train=False)
+        dataset = self._dataset(entries, train=False, train_transform=train_transform)
         self._eval_datasets[split] = dataset
         return self._loader(dataset, self._eval_sampler(dataset))
 

@@ -70,6 +70,7 @@ class AdaFocusV2(nn.Module):
         self.num_frames = num_frames
         self.input_size = input_size
         self.patch_size = patch_size
+        self.glance_arch, self.focus_arch = glance_arch, focus_arch
 
         glance_spec, focus_spec = get_backbone(glance_arch), get_backbone(focus_arch)
         resize = glance_size if glance_size is not None else glance_spec.resize

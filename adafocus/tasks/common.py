@@ -1,0 +1,203 @@
+"""What the tasks share: checks of the composed config; the loggers, callbacks and Trainer it describes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from netrc import netrc
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ the composed config
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers (what checkpoints store), without Hydra's own node."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    out.pop("hydra", None)
+    return out
+
+
+def cli_overrides() -> list[str]:
+    """The overrides of this Hydra run's command line ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def check_config(cfg: DictConfig, stage: str = "train") -> None:
+    """Catch bad configuration before any work: clear errors, and warnings where the original only warned.
+
+    ``stage``: "train" (train.py) or "eval" (evaluate / predict / early exit: no training list needed, no
+    recipe or glance_ckpt warnings since the weights come from a checkpoint)."""
+    patch, size = int(cfg.patch), int(cfg.dataset.input_size)
+    if not 0 < patch < size:
+        raise ValueError(f"patch={patch} must be smaller than the frame size dataset.input_size={size}")
+    missing_ratios = {"policy", "glance", "focus", "classifier"} - set(cfg.optim.lr_ratios)
+    if missing_ratios:
+        raise ValueError(f"optim.lr_ratios lacks {sorted(missing_ratios)} (one ratio per parameter group)")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    if int(cfg.epochs) < 1 and stage == "train":
+        raise ValueError(f"epochs={cfg.epochs}: a training run needs at least one epoch")
+    if cfg.dataset.get("generate") is None:  # a real dataset: its lists must be where data_dir says
+        data_dir = Path(cfg.data_dir)
+        needed = [cfg.dataset.val_list, cfg.dataset.class_index]
+        if stage == "train":
+            needed.insert(0, cfg.dataset.train_list)
+        missing = [str(data_dir / n) for n in needed if not (data_dir / n).is_file()]
+        media = data_dir / ("videos" if cfg.dataset.backend == "video" else "frames")
+        if not media.is_dir():
+            missing.append(f"{media}/ (dataset.backend={cfg.dataset.backend})")
+        if missing:
+            raise FileNotFoundError(
+                f"dataset={cfg.dataset.name} needs data_dir=DIR holding its list and class files "
+                f"and videos/ (or frames/ with dataset.backend=frames); not found: {', '.join(missing)}"
+            )
+    if stage != "train":
+        return
+    if cfg.backbone.glance_arch == "res50" and not cfg.backbone.glance_ckpt:
+        warnings.warn(
+            "backbone=res50 without backbone.glance_ckpt: the 96 px ResNet-50 glance starts from the "
+            "224 px ImageNet weights instead of Initialization_model_prime_resnet50_patch_size_96_or_128.pth "
+            "(the published recipe)",
+            stacklevel=2,
+        )
+    for knob in ("batch_size", "lr"):
+        if float(cfg[knob]) != float(cfg.dataset[knob]):
+            warnings.warn(
+                f"{knob}={cfg[knob]} differs from the dataset={cfg.dataset.name} recipe's "
+                f"{cfg.dataset[knob]} "
+                "(batch_size is the total over all devices; the published numbers need the recipe's)",
+                stacklevel=2,
+            )
+
+
+def check_world(cfg: DictConfig, trainer: pl.Trainer) -> None:
+    """Once the Trainer knows the process count (devices may be "auto"): the total batch must split evenly,
+    and a real dataset's recipe on a CPU, or with another BatchNorm batch than the original, is said once."""
+    world = trainer.world_size
+    if int(cfg.batch_size) % world:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} is the total over all devices and must be divisible by the "
+            f"{world} processes (trainer.devices x trainer.num_nodes)"
+        )
+    if cfg.dataset.get("generate") is not None or not trainer.is_global_zero:
+        return
+    if trainer.accelerator.__class__.__name__ == "CPUAccelerator":
+        warnings.warn(
+            f"dataset={cfg.dataset.name} on the CPU: the published recipe expects GPUs "
+            "(trainer=gpu, or trainer=ddp trainer.devices=N)",
+            stacklevel=2,
+        )
+    original = cfg.dataset.get("original_device_batch")
+    if original and int(cfg.batch_size) // world != int(original):
+        warnings.warn(
+            f"BatchNorm normalises over {int(cfg.batch_size) // world} videos per device here; the original "
+            f"trained dataset={cfg.dataset.name} on 4 GPUs with DataParallel, {original} videos per GPU "
+            f"(batch_size={cfg.batch_size} over {world} process(es))",
+            stacklevel=2,
+        )
+
+
+# ------------------------------------------------------------------ resolvers used by conf/logger/wandb.yaml
+def _wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+        return netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline with WANDB_MODE=offline or without credentials (wandb login / WANDB_API_KEY)."""
+    return os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not _wandb_credentials()
+
+
+def _sweep() -> tuple[str, str] | None:
+    """(group, run name) of a Hydra multirun job: the sweep directory's name (one W&B group per sweep) and
+    the job number with its overrides; None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    hc = HydraConfig.get()
+    sweep = Path(hc.sweep.dir)
+    group = f"{sweep.parent.name}_{sweep.name}" if sweep.parent.name else sweep.name
+    shown = [o for o in hc.overrides.task if not o.split("=")[0].lstrip("+~").endswith(("_dir", "_root"))]
+    return group, f"{hc.job.num}:{','.join(shown)}"[:120]
+
+
+def _run_name() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep = _sweep()
+    if sweep:
+        return sweep[1]
+    return Path(HydraConfig.get().runtime.output_dir).name if HydraConfig.initialized() else None
+
+
+for _name, _fn in (
+    ("adafocus.wandb_offline", wandb_offline),
+    ("adafocus.sweep_group", lambda: (_sweep() or (None, None))[0]),
+    ("adafocus.run_name", _run_name),
+):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+
+
+# ------------------------------------------------------------------ loggers, callbacks, trainer
+def instantiate_loggers(cfg: DictConfig, hyperparams: dict | None = None) -> list[Logger]:
+    """Every logger of ``cfg.logger`` (a dict of ``_target_`` nodes), plus a CSV log in the run directory
+    when none is configured. ``hyperparams``: logged once to each."""
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        loggers.append(CSVLogger(cfg.output_dir, name="csv", version=""))
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._offline and rank_zero_only.rank == 0:
+            why = (
+                "WANDB_MODE=offline"
+                if _wandb_credentials()
+                else "no credentials (wandb login / WANDB_API_KEY)"
+            )
+            sync = f"wandb sync {Path(lg.save_dir) / 'wandb'}/offline-run-*"
+            print(f"W&B: {why}, logging offline; upload later with: {sync}", flush=True)  # one unwrapped line
+        if hyperparams is not None:
+            lg.log_hyperparams(hyperparams)
+    return loggers
+
+
+def instantiate_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Every callback of ``cfg.callbacks`` (a dict of ``_target_`` nodes; a null entry is left out)."""
+    return [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node is not None]
+
+
+def build_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
+    """The ``cfg.trainer`` node instantiated, with ``kwargs`` (loggers, callbacks...) given by the task."""
+    return instantiate(cfg.trainer, **kwargs)
+
+
+def finish_wandb(loggers: list[Logger]) -> None:
+    """End the W&B run, else the next job of a multirun (same process) logs into it."""
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def print_summary(title: str, rows: dict[str, str]) -> None:
+    """Plain lines, never wrapped or cut: paths must survive any terminal width and log file."""
+    print(title, flush=True)
+    for key, value in rows.items():
+        print(f"  {key:<16} {value}", flush=True)
