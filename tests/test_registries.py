@@ -106,10 +106,12 @@ def test_a_new_policy_is_one_file_plus_one_config(tmp_path):
         "_target_: corner_policy.CornerPolicy\n_partial_: true\n"
     )
     out = tmp_path / "run"
-    tiny_run = ["dataset.generate.num_train=8", "dataset.generate.num_val=4",
-                "dataset.generate.frames_per_video=4", "dataset.generate.size=64", "dataset.input_size=64",
-                "backbone.glance_size=8", "num_frames=2", "patch=16", "batch_size=4", "epochs=1", "workers=0", "backbone.stn_hidden_dim=16",
-                "backbone.classifier_dim=32"]  # fmt: skip
+    tiny_run = [
+        "dataset.generate.num_train=8", "dataset.generate.num_val=4", "dataset.generate.frames_per_video=4",
+        "dataset.generate.size=64", "dataset.input_size=64", "backbone.glance_size=8", "num_frames=2",
+        "patch=16", "batch_size=4", "epochs=1", "workers=0", "backbone.stn_hidden_dim=16",
+        "backbone.classifier_dim=32",
+    ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "train.py", *tiny_run, "policy=corner", f"data_root={tmp_path / 'data'}",
          f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={out}"],
