@@ -263,3 +263,45 @@ def test_multirun_jobs_get_their_own_directories(data_root, tmp_path):
     for job in jobs:
         assert list((job / "checkpoints").glob("best-*.ckpt"))
         assert OmegaConf.load(job / ".hydra" / "config.yaml").patch in (16, 24)
+
+
+# ------------------------------------------------------------------ the config groups, from the real CLI
+@pytest.mark.slow
+def test_trainer_arguments_logger_lists_and_debug_presets(data_root, tmp_path):
+    out = tmp_path / "limited"
+    run("train.py", *TINY, f"data_root={data_root}", "trainer.limit_train_batches=2", "trainer.max_epochs=1",
+        "logger=[csv,tensorboard]", f"hydra.run.dir={out}")  # fmt: skip
+    rows = [r for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("train/loss")]
+    assert len(rows) <= 2 and list((out / "tensorboard").glob("events.out.tfevents.*"))
+    fdr = run("train.py", *TINY, f"data_root={data_root}", "debug=fdr", f"hydra.run.dir={tmp_path / 'fdr'}")
+    assert "Running in `fast_dev_run` mode" in fdr.stdout + fdr.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_keeps_the_checkpoints_model(trained, tmp_path):
+    """Runtime knobs come from the command line; a model-defining one that differs is an error."""
+    results, _ = trained
+    best = results["best_checkpoint"]
+    run("evaluate.py", f"ckpt_path={best}", "dataset.skip_bad_eval=true", "workers=0", "batch_size=3",
+        f"hydra.run.dir={tmp_path / 'a'}")  # fmt: skip
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["top1"] == pytest.approx(results["best_top1"]) and metrics["skipped"] == 0
+    args = [sys.executable, "evaluate.py", f"ckpt_path={best}", "patch=24", f"hydra.run.dir={tmp_path / 'b'}"]
+    bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "model.patch_size: checkpoint 16, command line 24" in bad.stderr
+    run("evaluate.py", f"ckpt_path={best}", "patch=24", "allow_model_override=true",
+        f"hydra.run.dir={tmp_path / 'c'}")  # fmt: skip
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["gflops"] > metrics["gflops"]
+
+
+@pytest.mark.slow
+def test_predict_task_writes_a_prediction_file(trained, tmp_path):
+    from adafocus.predictions import load_predictions
+
+    results, _ = trained
+    out = tmp_path / "train_preds.pt"
+    run("-m", "adafocus.tasks.predict", f"ckpt_path={results['best_checkpoint']}", "split=train", "limit=5",
+        "transform=train", f"out={out}", f"hydra.run.dir={tmp_path}")  # fmt: skip
+    preds = load_predictions(out)
+    assert preds["logits"].shape == (5, 2, 4) and len(preds["paths"]) == 5
+    assert preds["paths"] == sorted(preds["paths"]) and all(p.startswith("train/") for p in preds["paths"])
