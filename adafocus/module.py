@@ -24,7 +24,8 @@ class AdaFocusModule(pl.LightningModule):
     ``torch.load(weights_only=True)``); it needs ``model`` (Hydra node of :class:`AdaFocusV2`), ``optim``,
     ``lr``, ``epochs``, ``aux_policies`` and ``dataset.{num_classes,multilabel}``. ``model``: an already
     built network (e.g. from a published checkpoint) instead of ``config.model``. ``eval_policy``: the
-    policy of the test / predict loops (None: the model's own; a name of ``POLICIES`` or a module).
+    policy of the test / predict loops (None: the model's own; a name of ``POLICIES``, a module, or a factory
+    built like the model's policy, from the glance map's shape).
 
     Loops: ``fit`` trains (one glance, a focus pass at the model's policy plus one per auxiliary policy,
     the loss the mean over the passes) and validates (``val/*``); ``test`` evaluates (``test/*``, plus
@@ -41,6 +42,8 @@ class AdaFocusModule(pl.LightningModule):
         self.aux_policies = [
             instantiate(node)(**self.model.glance_shape) for node in cfg.get("aux_policies", [])
         ]
+        if eval_policy is not None and not isinstance(eval_policy, str | nn.Module):
+            eval_policy = eval_policy(**self.model.glance_shape)
         self.eval_policy = eval_policy
         self.optim_cfg: DictConfig = cfg.optim
         self.lr = float(cfg.lr)

@@ -91,6 +91,8 @@ def load_module(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Ad
     path = Path(cfg.ckpt_path)
     ckpt = read_checkpoint(path)
     user_keys = _override_keys(cli_overrides() if overrides is None else overrides)
+    # another policy than the trained one for the evaluation (the paper's ablation): policy=random|center|...
+    eval_policy = instantiate(cfg.policy) if "policy" in user_keys else None
     if is_lightning_checkpoint(ckpt):
         stored = OmegaConf.create(ckpt["hyper_parameters"]["config"])
         changes = model_changes(cfg, stored.model, user_keys)
@@ -104,12 +106,10 @@ def load_module(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Ad
             )
         run_cfg = merged_config(cfg, stored, user_keys)
         run_cfg.model = OmegaConf.merge(run_cfg.model, {k: b for k, (_, b) in changes.items()})
-        module = AdaFocusModule(plain_config(run_cfg))
+        module = AdaFocusModule(plain_config(run_cfg), eval_policy=eval_policy)
         module.load_state_dict(ckpt["state_dict"], strict=True)
     else:
-        run_cfg, module = _published(cfg, path, user_keys)
-    if "policy" in user_keys:  # evaluate with another policy than the trained one (the paper's ablation)
-        module.eval_policy = instantiate(cfg.policy)(**module.model.glance_shape)
+        run_cfg, module = _published(cfg, path, user_keys, eval_policy)
     return module, run_cfg
 
 
@@ -142,7 +142,9 @@ def merged_config(cfg: DictConfig, stored: DictConfig, user_keys: set[str]) -> D
     return run
 
 
-def _published(cfg: DictConfig, path: Path, user_keys: set[str]) -> tuple[DictConfig, AdaFocusModule]:
+def _published(
+    cfg: DictConfig, path: Path, user_keys: set[str], eval_policy
+) -> tuple[DictConfig, AdaFocusModule]:
     from adafocus.models import AdaFocusV2
 
     kwargs = {"input_size": int(cfg.dataset.input_size), "glance_size": cfg.model.glance_size}
@@ -160,7 +162,7 @@ def _published(cfg: DictConfig, path: Path, user_keys: set[str]) -> tuple[DictCo
     run_cfg.patch = run_cfg.model.patch_size = model.patch_size
     run_cfg.num_frames = run_cfg.model.num_frames = run_cfg.data.num_frames = model.num_frames
     run_cfg.model.glance_arch, run_cfg.model.focus_arch = model.glance_arch, model.focus_arch
-    return run_cfg, AdaFocusModule(plain_config(run_cfg), model=model)
+    return run_cfg, AdaFocusModule(plain_config(run_cfg), model=model, eval_policy=eval_policy)
 
 
 def build_datamodule(run_cfg: DictConfig, **kwargs):
