@@ -129,3 +129,15 @@ def make_video_dataset(
         (root / name).write_text("".join(line(*v) + "\n" for v in items))
     (root / class_index).write_text("".join(f"class_{c}\n" for c in range(num_classes)))
     return root
+
+
+def skip_without_torchcodec() -> None:
+    """pytest.skip, with the reason, where torchcodec or FFmpeg's shared libraries are not installed."""
+    import pytest
+
+    from adafocus.data.io import require_decoder
+
+    try:
+        require_decoder("torchcodec")
+    except RuntimeError as e:
+        pytest.skip(f"cannot run here: {e}")

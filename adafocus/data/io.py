@@ -69,8 +69,8 @@ def decode_size(width: int, height: int, short_side: int | None) -> tuple[int, i
 
 DECODERS = ("decord", "torchcodec")
 TORCHCODEC_INSTALL = (
-    "pip install -e '.[torchcodec]' (the torchcodec package) and FFmpeg's shared libraries "
-    "(Debian/Ubuntu: apt-get install ffmpeg)"
+    "torchcodec (pip install -e '.[torchcodec]') and FFmpeg's shared libraries (Debian/Ubuntu: apt-get "
+    "install ffmpeg)"
 )
 
 
