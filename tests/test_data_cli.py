@@ -74,10 +74,23 @@ def test_prepare_verify_writes_clean_list(kinetics_tree, tmp_path):
     assert (data / "val.clean.txt").read_text() == "abseiling/clip 0,8,0\nzumba/clip 2,10,1,2\n"
 
 
-def test_bench_cli_runs(tiny_video):
-    result = run("adafocus.data.bench", "--videos", str(tiny_video), "--workers", "0", "--clips", "2",
-                 "--batch-size", "1", "--num-frames", "4", "--input-size", "32", "--decode-short-side", "48",
-                 "--frames-height", "48")  # fmt: skip
+def test_bench_cli_long_videos_from_real_clips(tiny_video, tmp_path):
+    work = tmp_path / "work"
+    result = run("adafocus.data.bench", "--from", str(tiny_video), "--num-videos", "2", "--seconds", "2",
+                 "--fps", "10", "--height", "48", "--source-keyint", "10", "--keyint", "4",
+                 "--short-side", "32", "--frames-height", "32", "--clips", "2", "--num-frames", "4",
+                 "--input-size", "24", "--decoders", "decord", "--work", str(work))  # fmt: skip
     assert result.returncode == 0, result.stderr
-    for row in ("decord video", "JPEG folders (PIL)", "train", "eval", "clips/s"):
-        assert row in result.stdout
+    out = result.stdout
+    assert "2 source videos: 42x24, 86x48, 40 frames, keyframe every ~" in out  # 48p and 24p, 16:9
+    for row in (
+        "| raw | decord | exact |",
+        "| raw | decord | keyframe |",
+        "| transcoded G=4 | decord | exact |",
+        "| transcoded G=4 | decord | keyframe |",
+        "| JPEG frames | PIL | exact |",
+        "| transcoded G=4 |",
+    ):
+        assert row in out, row
+    assert len(list((work / "jpeg" / "frames" / "0").glob("image_*.jpg"))) == 20  # 2 s at 10 fps
+    assert sorted(p.name for p in (work / "transcoded_g4").glob("*.mp4")) == ["0.mp4", "1.mp4"]

@@ -22,6 +22,7 @@ from adafocus.data import (
     parse_list,
 )
 from adafocus.data.io import decode_size
+from adafocus.data.transforms import normalize_video
 
 
 def normalise(video_uint8: torch.Tensor) -> torch.Tensor:
@@ -57,7 +58,7 @@ def test_train_transform_same_crop_for_every_frame():
     transform = VideoTransform(64, train=True)
     outputs = [transform(clip) for _ in range(20)]
     for out in outputs:
-        assert out.shape == (6, 3, 64, 64) and out.dtype == torch.float32
+        assert out.shape == (6, 3, 64, 64) and out.dtype == torch.uint8  # normalised later, on the device
         assert torch.equal(out, out[:1].expand_as(out))
     assert len({o[0].sum().item() for o in outputs}) > 1  # the draws do change between clips
 
@@ -66,18 +67,22 @@ def test_eval_transform_resize_and_centre_crop():
     clip = torch.randint(0, 256, (3, 3, 48, 64), dtype=torch.uint8)
     out = VideoTransform(32, train=False)(clip)
     expected = F.center_crop(F.resize(clip, 32 * 256 // 224, antialias=True), [32, 32])
-    assert torch.allclose(out, normalise(expected), atol=1e-5)
+    assert torch.equal(out, expected)
+    assert torch.allclose(normalize_video(out), normalise(expected), atol=1e-6)
     # augment=False: the eval transform in training too
     torch.manual_seed(1)
-    assert torch.allclose(VideoTransform(32, train=True, augment=False)(clip), out)
+    assert torch.equal(VideoTransform(32, train=True, augment=False)(clip), out)
 
 
 def test_no_augment_exact_size_is_identity():
     clip = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     for train in (True, False):
-        assert torch.allclose(
-            VideoTransform(32, train=train, augment=False)(clip), normalise(clip), atol=1e-6
-        )
+        assert torch.equal(VideoTransform(32, train=train, augment=False)(clip), clip)
+    assert torch.allclose(normalize_video(clip), normalise(clip), atol=1e-6)
+    batch = torch.stack([clip, 255 - clip])  # (B, T, 3, H, W): the same per clip
+    assert torch.allclose(normalize_video(batch)[1], normalise(255 - clip), atol=1e-6)
+    with pytest.raises(ValueError, match=r"uint8 \[..., 3, H, W\], got torch.float32"):
+        normalize_video(clip.float())
 
 
 def test_decode_size():
@@ -130,7 +135,7 @@ def test_backends_agree(two_backends, template):
         assert torch.equal(b, jpeg_roundtrip(a))
         a, b = a.float(), b.float()
         assert (a - b).abs().mean() < 3.0  # JPEG loss only
-        va, vb = video_ds[i]["video"], frames_ds[i]["video"]
+        va, vb = normalize_video(video_ds[i]["video"]), normalize_video(frames_ds[i]["video"])
         assert (va - vb).abs().mean() < 0.05
         # a different clip is far away: the comparison is meaningful
         assert (a - video_ds.load_frames(1 - i).float()[: len(a)]).abs().mean() > 10

@@ -127,7 +127,7 @@ def test_one_step_reaches_every_parameter_and_sets_group_lrs(data_root, tmp_path
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)  # normalised
     loss = module.training_step(batch, 0)
     loss.backward()
     for name, p in module.named_parameters():

@@ -89,7 +89,7 @@ def test_videos_decode_through_the_data_module_pixel_exact(tmp_path):
         num_frames=3, input_size=64, batch_size=4, workers=0, augment=False, decode_short_side=None,
     )  # fmt: skip
     dm.setup("fit")
-    batch = next(iter(dm.val_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)  # uint8 -> normalised float
     assert batch["video"].shape == (4, 3, 3, 64, 64)
     assert dm.class_names == list(CLASS_NAMES)
     # Undo the normalisation: H.264 at crf 12 keeps the frames within a few grey levels of the render.

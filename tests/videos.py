@@ -15,12 +15,19 @@ import numpy as np
 
 
 def write_video(
-    path: str | os.PathLike, frames: np.ndarray, fps: int = 8, codec: str = "libx264", crf: int = 10
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: int = 8,
+    codec: str = "libx264",
+    crf: int = 10,
+    keyint: int | None = None,
+    audio: bool = False,
 ) -> Path:
     """Encode ``frames`` (uint8 ``[N, H, W, 3]`` RGB, H and W even) to ``path`` (mp4/mkv/...) with PyAV.
 
-    Uses yuv420p + a low CRF, so decoded frames are close to (not equal to) the input.
-    Returns the path.
+    Uses yuv420p + a low CRF, so decoded frames are close to (not equal to) the input. ``keyint``: a keyframe
+    exactly every that many frames (libx264, no scene cuts; default: x264's own choice, i.e. only frame 0 in
+    short clips). ``audio``: add a silent AAC track. Returns the path.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -34,12 +41,25 @@ def write_video(
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": str(crf), "preset": "ultrafast"} if codec == "libx264" else {}
+        if keyint is not None:
+            stream.options = {
+                **stream.options,
+                "x264-params": f"keyint={keyint}:min-keyint={keyint}:scenecut=0",
+            }
+        sound = container.add_stream("aac", rate=16000) if audio else None
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if sound is not None:  # n / fps seconds of silence
+            samples = np.zeros((1, 1024), dtype=np.float32)
+            for k in range(int(16000 * n / fps) // 1024 + 1):
+                chunk = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
+                chunk.sample_rate, chunk.pts = 16000, k * 1024
+                container.mux(sound.encode(chunk))
+            container.mux(sound.encode(None))
     return path
 
 
@@ -109,3 +129,15 @@ def make_video_dataset(
         (root / name).write_text("".join(line(*v) + "\n" for v in items))
     (root / class_index).write_text("".join(f"class_{c}\n" for c in range(num_classes)))
     return root
+
+
+def skip_without_torchcodec() -> None:
+    """pytest.skip, with the reason, where torchcodec or FFmpeg's shared libraries are not installed."""
+    import pytest
+
+    from adafocus.data.io import require_decoder
+
+    try:
+        require_decoder("torchcodec")
+    except RuntimeError as e:
+        pytest.skip(f"cannot run here: {e}")

@@ -13,8 +13,11 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from adafocus.data.dataset import BACKENDS, ClipCollate, VideoClipDataset
+from adafocus.data.io import require_decoder
 from adafocus.data.lists import LIST_FORMATS, ListFileError, VideoEntry, parse_list, read_class_index
-from adafocus.data.transforms import VideoTransform
+from adafocus.data.manifest import ManifestError, VideoInfo, check_file, read_manifest
+from adafocus.data.sampling import SAMPLINGS
+from adafocus.data.transforms import VideoTransform, normalize_video
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +27,22 @@ class BadVideosError(RuntimeError):
 
 
 class VideoDataModule(pl.LightningDataModule):
-    """Videos of a split file -> batches ``{"video": float32 [B, T, 3, S, S], "label": long [B],
+    """Videos of a split file -> batches ``{"video": [B, T, 3, S, S], "label": long [B],
     "labels": long [B, L] (-1 padded), "index": long [B], "path": list[str]}``.
+
+    The loaders yield ``video`` as uint8 (4x less through worker queues and pinned memory);
+    :meth:`on_after_batch_transfer` (Lightning calls it on the device) makes it the model's float32 input with
+    :func:`~adafocus.data.transforms.normalize_video` — code reading a loader directly calls that itself.
 
     ``data_dir`` holds the list files and class index, and ``videos/<path>.<ext>`` (backend "video", decord)
     or ``frames/<path>/image_00001.jpg...`` (backend "frames", PIL). ``batch_size`` is the total over all
     devices. See SPEC §3 for sampling / processing order / augmentation.
+
+    ``sampling``: "exact" (SPEC §3's TSN) or "keyframe" (a keyframe inside each segment: no decoding of the
+    frames before it). ``decoder``: "decord" or "torchcodec" (optional extra). ``manifest``: path of the
+    videos' manifest relative to ``data_dir`` (``prepare transcode`` / ``verify --manifest`` write it),
+    used when the file exists (null: never). ``decode_device="cuda"``: torchcodec decodes on the GPU; only in
+    the main process (``workers=0``).
 
     Bad videos: in training a failing video is replaced by another one and counted; when more than
     ``max_bad_fraction`` of an epoch's videos (on this rank) have failed, the next batch raises
@@ -63,11 +76,23 @@ class VideoDataModule(pl.LightningDataModule):
         generate: Mapping[str, Any] | None = None,
         seed: int = 0,
         decode_threads: int = 1,
+        sampling: str = "exact",
+        decoder: str = "decord",
+        manifest: str | None = "videos/manifest.jsonl",
+        decode_device: str = "cpu",
         eval_limit: int | None = None,
         predict_split: str = "val",
         predict_transform: str = "eval",
     ) -> None:
         super().__init__()
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        require_decoder(decoder)  # a decoder that is not installed: a message naming what to install, now
+        if decode_device != "cpu" and (decoder != "torchcodec" or int(workers) != 0):
+            raise ValueError(
+                f"data.decode_device={decode_device!r} needs data.decoder=torchcodec and workers=0 (GPU "
+                f"decoding runs in the main process), got decoder={decoder!r}, workers={workers}"
+            )
         if list_format not in LIST_FORMATS:
             raise ValueError(f"data.list_format must be one of {LIST_FORMATS}, got {list_format!r}")
         if backend not in BACKENDS:
@@ -109,6 +134,9 @@ class VideoDataModule(pl.LightningDataModule):
         self.generate = None if generate is None else dict(generate)
         self.seed = int(seed)
         self.decode_threads = int(decode_threads)
+        self.sampling, self.decoder, self.decode_device = sampling, decoder, decode_device
+        self.manifest = manifest
+        self.video_infos: dict[str, VideoInfo] | None = None  # the manifest's lines, read in setup()
 
         self.class_names: list[str] = []
         self.per_device_batch_size: int | None = None
@@ -170,10 +198,37 @@ class VideoDataModule(pl.LightningDataModule):
         self.class_names = read_class_index(self.data_dir / self.class_index, self.num_classes)
         splits = ["val"] if stage in ("validate", "test", "predict") else ["train", "val"]
         for split in splits:
-            self.entries(split)
+            self.check_manifest(split)
         if "train" in splits:
             self.train_dataset = self._dataset(self.entries("train"), train=True)
         self.val_dataset = self._dataset(self.entries("val"), train=False)
+
+    def manifest_path(self) -> Path | None:
+        """The manifest file when ``manifest`` is set and the file exists (backend "video")."""
+        if self.manifest is None or self.backend != "video":
+            return None
+        path = self.data_dir / self.manifest
+        return path if path.is_file() else None
+
+    def check_manifest(self, split: str) -> None:
+        """Read the manifest (once) and check it against ``split``'s entries: every listed video has a line,
+        and its file exists with the recorded size. :class:`ManifestError` naming the file and line."""
+        entries = self.entries(split)
+        path = self.manifest_path()
+        if path is None:
+            return
+        if self.video_infos is None:
+            self.video_infos = read_manifest(path)
+            log.info("manifest %s: %d videos", path, len(self.video_infos))
+        for e in entries:
+            info = self.video_infos.get(e.path)
+            if info is None:
+                raise ManifestError(
+                    f"{self._list_path(split)}:{e.line}: video {e.path!r} has no line in the manifest {path} "
+                    "(rerun python -m adafocus.data.prepare transcode / verify --manifest, "
+                    "or data.manifest=null)"
+                )
+            check_file(info, path.parent)
 
     def _dataset(
         self, entries: list[VideoEntry], train: bool, train_transform: bool = False
@@ -197,10 +252,17 @@ class VideoDataModule(pl.LightningDataModule):
             max_labels=self.max_labels,
             on_error=on_error,
             decode_threads=self.decode_threads,
+            sampling=self.sampling,
+            decoder=self.decoder,
+            manifest=self.video_infos,
+            manifest_root=None if self.manifest_path() is None else self.manifest_path().parent,
+            decode_device=self.decode_device,
         )
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: VideoClipDataset, sampler: torch.utils.data.Sampler) -> DataLoader:
+    def _loader(
+        self, dataset: VideoClipDataset, sampler: torch.utils.data.Sampler, drop_last: bool = False
+    ) -> DataLoader:
         if self.per_device_batch_size is None:
             raise RuntimeError("VideoDataModule.setup() must run before asking for a dataloader")
         return DataLoader(
@@ -208,10 +270,10 @@ class VideoDataModule(pl.LightningDataModule):
             batch_size=self.per_device_batch_size,
             sampler=sampler,
             num_workers=self.workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            pin_memory=self.pin_memory and torch.cuda.is_available() and self.decode_device == "cpu",
             persistent_workers=self.persistent_workers and self.workers > 0,
             collate_fn=ClipCollate(self.num_frames, self.input_size, dataset.max_labels),
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def _eval_sampler(self, dataset: VideoClipDataset) -> torch.utils.data.Sampler:
@@ -231,7 +293,7 @@ class VideoDataModule(pl.LightningDataModule):
         else:
             sampler = RandomSampler(self.train_dataset)
         self._train_epoch_size = len(sampler)
-        return self._loader(self.train_dataset, sampler)
+        return self._loader(self.train_dataset, sampler, drop_last=True)  # as the original; eval keeps all
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
@@ -261,6 +323,7 @@ class VideoDataModule(pl.LightningDataModule):
             self.setup("validate")
         if not self.class_names:
             self.class_names = read_class_index(self.data_dir / self.class_index, self.num_classes)
+        self.check_manifest(split)
         entries = self.entries(split)
         if limit is not None and int(limit) < len(entries):
             generator = torch.Generator().manual_seed(int(seed))
@@ -303,4 +366,9 @@ class VideoDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.training:
             self.check_bad_videos()
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the device: uint8 ``video`` ``[B, T, 3, S, S]`` -> the model's normalised float32 input."""
+        batch["video"] = normalize_video(batch["video"])
         return batch

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from adafocus.data.io import VideoReadError, read_frames, read_video, resolve_video
+from adafocus.data.io import DECODERS, VideoReadError, read_frames, read_video, resolve_video
 from adafocus.data.lists import VideoEntry
-from adafocus.data.sampling import sample_clip_indices
+from adafocus.data.manifest import VideoInfo
+from adafocus.data.sampling import SAMPLINGS, sample_clip_indices
 from adafocus.data.transforms import VideoTransform
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,15 @@ ON_ERROR = ("substitute", "raise", "skip")
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames from the videos of one split.
 
-    Item: ``{"video": float32 [T, 3, S, S], "label": long [], "labels": long [L] (-1 padded),
+    Item: ``{"video": uint8 [T, 3, S, S], "label": long [], "labels": long [L] (-1 padded),
     "index": int, "path": str}`` (``index``/``path`` of the video actually loaded).
 
     ``train=True``: random TSN sampling and a random label among the video's labels at each load;
     ``train=False``: segment centres and the first label. Frames come in the coarse-to-fine processing order.
+    ``sampling="keyframe"``: keyframes inside the segments instead (see ``sampling.sample_clip_indices``).
+    ``manifest`` (``{video: VideoInfo}`` of the files under ``manifest_root``): frame counts, sizes and
+    keyframes known in advance, so each video is opened once. ``decoder``: "decord" or "torchcodec".
+    The normalisation is not done here: see ``transforms.normalize_video``.
 
     Bad videos (missing, empty, undecodable) are marked in ``failed``, a uint8 ``[len]`` tensor in shared
     memory, so that marks made inside DataLoader worker processes are visible to the main process
@@ -52,11 +57,20 @@ class VideoClipDataset(Dataset):
         on_error: str = "raise",
         decode_threads: int = 1,
         max_substitutions: int = 20,
+        sampling: str = "exact",
+        decoder: str = "decord",
+        manifest: dict[str, VideoInfo] | None = None,
+        manifest_root: str | Path | None = None,
+        decode_device: str = "cpu",
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"dataset backend must be one of {BACKENDS}, got {backend!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"dataset sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"dataset decoder must be one of {DECODERS}, got {decoder!r}")
         self.entries = list(entries)
         self.data_dir = Path(data_dir)
         self.num_frames = int(num_frames)
@@ -69,6 +83,9 @@ class VideoClipDataset(Dataset):
         self.on_error = on_error
         self.decode_threads = decode_threads
         self.max_substitutions = max_substitutions
+        self.sampling, self.decoder, self.decode_device = sampling, decoder, decode_device
+        self.manifest = manifest
+        self.manifest_root = None if manifest_root is None else Path(manifest_root)
         self.failed = torch.zeros(len(self.entries), dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
@@ -77,6 +94,8 @@ class VideoClipDataset(Dataset):
     def source(self, index: int) -> Path:
         """The video file (``videos/<path>.<ext>``) or frame folder (``frames/<path>``) of entry ``index``."""
         rel = self.entries[index].path
+        if self.backend == "video" and self.manifest is not None:
+            return self.manifest_root / self.manifest[rel].file
         if self.backend == "video":
             return resolve_video(self.data_dir / "videos", rel)
         return self.data_dir / "frames" / rel
@@ -88,15 +107,21 @@ class VideoClipDataset(Dataset):
     def load_frames(self, index: int) -> torch.Tensor:
         """The sampled frames of entry ``index`` in processing order: uint8 ``[T, 3, H, W]``."""
 
-        def pick(n: int) -> list[int]:
-            return sample_clip_indices(n, self.num_frames, self.train)
+        keyframe = self.sampling == "keyframe"
+
+        def pick(n: int, keyframes: Sequence[int] | None = None) -> list[int]:
+            return sample_clip_indices(
+                n, self.num_frames, self.train, keyframes=keyframes if keyframe else None
+            )
 
         src = self.source(index)
-        if self.backend == "video":
-            frames = read_video(src, pick, self.decode_short_side, self.decode_threads)
-        else:
+        if self.backend == "frames":  # every JPEG is a keyframe: exact sampling
             frames = read_frames(src, pick, self.frame_template)
-        return torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
+            return torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, H, W, 3) -> (T, 3, H, W)
+        info = None if self.manifest is None else self.manifest[self.entries[index].path]
+        return read_video(
+            src, pick, self.decode_short_side, self.decode_threads, self.decoder, info, self.decode_device
+        )
 
     def _item(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
@@ -150,7 +175,7 @@ class VideoClipDataset(Dataset):
 class ClipCollate:
     """default_collate of the items, dropping None (videos skipped in evaluation).
 
-    An all-skipped batch becomes an empty batch with the usual keys (``video`` ``[0, T, 3, S, S]``).
+    An all-skipped batch becomes an empty batch with the usual keys (``video`` uint8 ``[0, T, 3, S, S]``).
     """
 
     def __init__(self, num_frames: int, input_size: int, max_labels: int) -> None:
@@ -162,7 +187,7 @@ class ClipCollate:
             return default_collate(kept)
         t, s = self.num_frames, self.input_size
         return {
-            "video": torch.zeros(0, t, 3, s, s),
+            "video": torch.zeros(0, t, 3, s, s, dtype=torch.uint8),
             "label": torch.zeros(0, dtype=torch.long),
             "labels": torch.zeros(0, self.max_labels, dtype=torch.long),
             "index": torch.zeros(0, dtype=torch.long),

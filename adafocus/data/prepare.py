@@ -1,4 +1,4 @@
-"""Dataset tools: ``python -m adafocus.data.prepare {build,verify} ...``.
+"""Dataset tools: ``python -m adafocus.data.prepare {build,verify,transcode} ...``.
 
 build  ROOT OUT   split files + class index from a ``ROOT/<class>/<video>`` tree (the Kinetics layout), or
                   ``ROOT/<train>/<class>/<video>`` + ``ROOT/<val>/<class>/<video>`` with ``--split-dirs``;
@@ -8,7 +8,13 @@ build  ROOT OUT   split files + class index from a ``ROOT/<class>/<video>`` tree
 verify DATA_DIR --list FILE [--list FILE ...]
                   decodes every listed video in parallel (progress bar), reports missing / unreadable /
                   too-short files, malformed lines and out-of-range labels, and writes a cleaned list
-                  (``<name>.clean.txt`` next to it, or ``--in-place``) atomically.
+                  (``<name>.clean.txt`` next to it, or ``--in-place``) atomically. ``--manifest`` also writes
+                  ``DATA_DIR/videos/manifest.jsonl`` for the good videos (frame counts, sizes, keyframes).
+transcode SRC DST [--list FILE ...] [--short-side 360] [--fps native|N] [--keyint G] [--workers N]
+                  re-encodes every video under SRC (or those of the list files) to ``DST/<path>.mp4`` for fast
+                  reads (H.264, keyframe every G frames, no B-frames, fastdecode; see adafocus.data.transcode)
+                  in parallel, writes ``DST/manifest.jsonl``; resumable (finished videos kept), failures go
+                  to ``DST/transcode_failures.txt`` and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -33,7 +39,16 @@ from adafocus.data.io import (
     resolve_video,
 )
 from adafocus.data.lists import LIST_FORMATS, parse_line, read_class_index, write_list
+from adafocus.data.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    VideoInfo,
+    probe_video,
+    read_manifest,
+    write_manifest,
+)
 from adafocus.data.sampling import eval_indices
+from adafocus.data.transcode import DEFAULT_CRF, DEFAULT_KEYINT, transcode_video
 
 PRESETS = {  # names of the published files (SPEC §3)
     "generic": ("comma", "train_split.txt", "val_split.txt", "classInd.txt"),
@@ -152,13 +167,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ verify
-def _check_video(job: tuple) -> tuple[int, str, str]:
-    """-> (line number, status, message); status in ok / missing / unreadable / short."""
-    lineno, data_dir, rel, backend, template, num_frames, min_frames, full = job
+def _check_video(job: tuple) -> tuple[int, str, str, VideoInfo | None]:
+    """-> (line number, status, message, manifest line or None); status: ok/missing/unreadable/short."""
+    lineno, data_dir, rel, backend, template, num_frames, min_frames, full, manifest = job
     data_dir = Path(data_dir)
     seen: dict[str, int] = {}
+    info = None
 
-    def pick(n: int) -> list[int]:
+    def pick(n: int, keyframes=None) -> list[int]:
         seen["n"] = n
         if n < min_frames:
             return [0]
@@ -176,6 +192,8 @@ def _check_video(job: tuple) -> tuple[int, str, str]:
                     vr.get_batch(list(range(start, min(n, start + 64)))).asnumpy()
             else:
                 read_video(path, pick, short_side=None)
+            if manifest:
+                info = probe_video(path, rel, data_dir / "videos", full=full)
         else:
             folder = data_dir / "frames" / rel
             if not folder.is_dir():
@@ -185,17 +203,19 @@ def _check_video(job: tuple) -> tuple[int, str, str]:
             read_frames(folder, pick, template)
     except VideoReadError as e:
         status = "missing" if e.reason.startswith("missing") else "unreadable"
-        return lineno, status, f"{e.path}: {e.reason}"
+        return lineno, status, f"{e.path}: {e.reason}", None
     except Exception as e:  # noqa: BLE001
-        return lineno, "unreadable", f"{rel}: {type(e).__name__}: {e}"
-    n = seen.get("n", 0)
+        return lineno, "unreadable", f"{rel}: {type(e).__name__}: {e}", None
+    n = seen.get("n", 0) if info is None else min(seen.get("n", 0), info.frames)
     if n < min_frames:
-        return lineno, "short", f"{rel}: {n} frame(s) < {min_frames}"
-    return lineno, "ok", ""
+        return lineno, "short", f"{rel}: {n} frame(s) < {min_frames}", None
+    return lineno, "ok", "", info
 
 
-def verify_list(args: argparse.Namespace, list_file: Path, num_classes: int | None) -> dict[str, list[str]]:
-    """Check one list; write the cleaned list; return problems by kind."""
+def verify_list(
+    args: argparse.Namespace, list_file: Path, num_classes: int | None, infos: dict[str, VideoInfo]
+) -> dict[str, list[str]]:
+    """Check one list; write the cleaned list; return problems by kind; manifest lines go to ``infos``."""
     problems: dict[str, list[str]] = defaultdict(list)
     lines = list_file.read_text(encoding="utf-8").splitlines()
     jobs, kept_text = [], {}
@@ -223,13 +243,16 @@ def verify_list(args: argparse.Namespace, list_file: Path, num_classes: int | No
                 args.num_frames,
                 args.min_frames,
                 args.full,
+                args.manifest,
             )
         )
     results = _pool_map(_check_video, jobs, args.workers, f"verify {list_file.name}", args.quiet)
     clean = []
-    for lineno, status, message in results:
+    for lineno, status, message, info in results:
         if status == "ok":
             clean.append(kept_text[lineno])
+            if info is not None:
+                infos[info.video] = info
         else:
             problems[status].append(f"{list_file}:{lineno}: {message}")
     out = list_file if args.in_place else list_file.with_name(f"{list_file.stem}.clean{list_file.suffix}")
@@ -252,15 +275,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
             class_file if class_file.is_absolute() or class_file.exists() else args.data_dir / class_file
         )
         num_classes = len(read_class_index(class_file, args.num_classes))
+    if args.manifest and args.backend != "video":
+        raise SystemExit("verify: --manifest is for videos (--backend video)")
     total: dict[str, list[str]] = defaultdict(list)
+    infos: dict[str, VideoInfo] = {}
     for name in args.list:
         list_file = Path(name)
         if not list_file.is_absolute() and not list_file.exists():
             list_file = args.data_dir / list_file
         if not list_file.is_file():
             raise SystemExit(f"verify: list file not found: expected {list_file}")
-        for kind, items in verify_list(args, list_file, num_classes).items():
+        for kind, items in verify_list(args, list_file, num_classes, infos).items():
             total[kind] += items
+    if args.manifest:
+        manifest = args.data_dir / "videos" / MANIFEST_NAME
+        try:
+            kept = read_manifest(manifest) if manifest.is_file() else {}
+        except ManifestError as e:
+            print(f"verify: replacing the malformed manifest ({e})", file=sys.stderr)
+            kept = {}
+        write_manifest(manifest, {**kept, **infos}.values())  # other videos' lines are kept
+        print(f"manifest: {len(infos)} video(s) -> {manifest}")
     titles = {
         "missing": "missing files",
         "unreadable": "unreadable videos",
@@ -276,6 +311,92 @@ def cmd_verify(args: argparse.Namespace) -> int:
     n_problems = sum(len(v) for v in total.values())
     print(f"{n_problems} problem(s) found" if n_problems else "all entries ok")
     return 1 if (n_problems and args.strict) else 0
+
+
+# ------------------------------------------------------------------ transcode
+def _transcode_one(job: tuple) -> tuple[str, VideoInfo | None, str]:
+    """-> (video, manifest line or None, failure reason)."""
+    src, dst_root, rel, options = job
+    dst = Path(dst_root) / f"{rel}.mp4"
+    try:
+        if not dst.is_file():  # finished outputs are kept (resume); unfinished ones never had this name
+            transcode_video(src, dst, **options)
+        return rel, probe_video(dst, rel, dst_root), ""
+    except Exception as e:  # noqa: BLE001 — one bad video must not stop the others
+        return rel, None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+
+
+def _transcode_sources(src_root: Path, lists: list[str] | None, list_format: str) -> list[tuple[str, str]]:
+    """``[(source file, relative path without extension)]``: every video under SRC, or the listed ones
+    (a missing one is kept with an empty source: it is reported as a failure)."""
+    if not lists:
+        return [(str(p), p.relative_to(src_root).with_suffix("").as_posix()) for p in _videos_in(src_root)]
+    out, seen = [], set()
+    for name in lists:
+        list_file = Path(name)
+        if not list_file.is_file():
+            raise SystemExit(f"transcode: list file not found: expected {list_file}")
+        for lineno, text in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                rel = parse_line(text, list_format)[0]
+            except ValueError as e:
+                raise SystemExit(f"transcode: {list_file}:{lineno}: {e}: {text!r}") from None
+            if rel in seen:
+                continue
+            seen.add(rel)
+            try:
+                out.append((str(resolve_video(src_root, rel)), rel))
+            except VideoReadError:
+                out.append(("", rel))
+    return out
+
+
+def cmd_transcode(args: argparse.Namespace) -> int:
+    src_root, dst_root = Path(args.src).resolve(), Path(args.dst).resolve()
+    if not src_root.is_dir():
+        raise SystemExit(f"transcode: SRC {src_root} is not a directory")
+    if src_root == dst_root:
+        raise SystemExit("transcode: DST must differ from SRC")
+    if args.keyint < 1 or args.short_side < 2 or args.workers < 1:
+        raise SystemExit("transcode: --keyint >= 1, --short-side >= 2 and --workers >= 1 are required")
+    fps = None if args.fps == "native" else float(args.fps)
+    if fps is not None and fps <= 0:
+        raise SystemExit(f"transcode: --fps must be 'native' or a positive number, got {args.fps}")
+    sources = _transcode_sources(src_root, args.list, args.format)
+    if not sources:
+        raise SystemExit(f"transcode: no videos ({', '.join(VIDEO_EXTENSIONS)}) under {src_root}")
+    options = dict(
+        short_side=args.short_side, fps=fps, keyint=args.keyint, crf=args.crf, preset=args.preset,
+        threads=max(1, (os.cpu_count() or 1) // args.workers),
+    )  # fmt: skip
+    jobs = [(src, str(dst_root), rel, options) for src, rel in sources if src]
+    failures = {rel: f"missing: no file {src_root / rel}.{{{','.join(VIDEO_EXTENSIONS)}}}"
+                for src, rel in sources if not src}  # fmt: skip
+    infos = []
+    for rel, info, reason in _pool_map(_transcode_one, jobs, args.workers, "transcode", args.quiet):
+        if info is None:
+            failures[rel] = reason
+        else:
+            infos.append(info)
+    manifest = dst_root / MANIFEST_NAME
+    try:
+        kept = read_manifest(manifest) if manifest.is_file() else {}
+    except ManifestError:
+        kept = {}
+    merged = {**{k: v for k, v in kept.items() if k not in failures}, **{i.video: i for i in infos}}
+    write_manifest(manifest, merged.values())
+    print(f"transcoded {len(infos)} of {len(sources)} video(s) -> {dst_root}; manifest {manifest}")
+    failures_file = dst_root / "transcode_failures.txt"
+    if failures:
+        atomic_write_text(failures_file, "".join(f"{rel}\t{why}\n" for rel, why in sorted(failures.items())))
+        for rel, why in sorted(failures.items())[:20]:
+            print(f"  failed: {rel}: {why}", file=sys.stderr)
+        print(f"transcode: {len(failures)} video(s) failed; reasons in {failures_file}", file=sys.stderr)
+        return 1
+    failures_file.unlink(missing_ok=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--in-place", action="store_true", help="replace the list file (atomically)")
     v.add_argument("--strict", action="store_true", help="exit with status 1 when problems are found")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.add_argument(
+        "--manifest", action="store_true", help="write DATA_DIR/videos/manifest.jsonl for the good videos"
+    )
     v.set_defaults(func=cmd_verify)
+
+    t = sub.add_parser("transcode", help="re-encode videos for fast reads; write DST/manifest.jsonl")
+    t.add_argument("src", help="source video tree (e.g. DATA_DIR/videos)")
+    t.add_argument("dst", help="output video tree (point DATA_DIR/videos at it)")
+    t.add_argument("--list", action="append", help="only the videos of this list file (repeatable)")
+    t.add_argument("--format", choices=LIST_FORMATS, default="comma", help="format of the --list files")
+    t.add_argument("--short-side", type=int, default=360, help="shorter side of the output (never upscaled)")
+    t.add_argument("--fps", default="native", help="'native' (every frame kept) or a frame rate N")
+    t.add_argument("--keyint", type=int, default=DEFAULT_KEYINT, help="a keyframe every G frames")
+    t.add_argument("--crf", type=int, default=DEFAULT_CRF, help="x264 constant rate factor (quality)")
+    t.add_argument("--preset", default="fast", help="x264 preset (encoding speed vs size)")
+    t.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel videos")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_transcode)
     return parser
 
 

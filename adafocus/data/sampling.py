@@ -1,8 +1,9 @@
-"""TSN-style frame sampling and the coarse-to-fine processing order (SPEC §3)."""
+"""TSN-style frame sampling (exact, or keyframe-aware) and the coarse-to-fine processing order (SPEC §3)."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -73,13 +74,79 @@ def processing_order(num_segments: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def sample_clip_indices(
-    num_video_frames: int, num_segments: int, train: bool, generator: torch.Generator | None = None
+SAMPLINGS = ("exact", "keyframe")
+
+
+def keyframe_train_indices(
+    num_video_frames: int,
+    num_segments: int,
+    keyframes: Sequence[int],
+    generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Frame indices of one clip in processing order: ``sampled[processing_order(T)]``."""
-    sampled = (
-        train_indices(num_video_frames, num_segments, generator)
-        if train
-        else eval_indices(num_video_frames, num_segments)
-    )
+    """Train sampling on keyframes: in each TSN segment ``[t*avg, (t+1)*avg)`` (``avg = N // T``) a random
+    keyframe of that segment; a segment holding none gets the exact random frame of :func:`train_indices`.
+    Videos with ``N < T`` segments (``avg = 0``) are sampled exactly. T 0-based indices, temporal order.
+    """
+    n, t = int(num_video_frames), int(num_segments)
+    avg = n // t
+    if avg == 0:
+        return train_indices(n, t, generator)
+    keys = np.asarray(keyframes, dtype=np.int64)
+    starts = np.arange(t) * avg
+    lo, hi = np.searchsorted(keys, starts), np.searchsorted(keys, starts + avg)  # keys[lo:hi] in segment
+    out = []
+    for s in range(t):
+        count = int(hi[s] - lo[s])
+        if count:
+            out.append(int(keys[lo[s] + int(torch.randint(count, (), generator=generator))]))
+        else:
+            out.append(int(starts[s]) + int(torch.randint(avg, (), generator=generator)))
+    return out
+
+
+def keyframe_eval_indices(num_video_frames: int, num_segments: int, keyframes: Sequence[int]) -> list[int]:
+    """Eval sampling on keyframes: in each segment ``[tick*t, tick*(t+1))`` (``tick = N/T``) the keyframe
+    nearest the segment centre ``tick/2 + tick*t`` (the earlier one on a tie); a segment holding none gets
+    the exact centre frame of :func:`eval_indices`. ``N <= T`` is sampled exactly.
+    """
+    n, t = int(num_video_frames), int(num_segments)
+    exact = eval_indices(n, t)
+    if n <= t:
+        return exact
+    keys = np.asarray(keyframes, dtype=np.int64)
+    tick = n / t
+    out = []
+    for s in range(t):
+        first, end = np.ceil(tick * s), np.ceil(tick * (s + 1))  # integer frames f with tick*s <= f < end
+        inside = keys[(keys >= first) & (keys < end)]
+        if len(inside):
+            centre = tick / 2.0 + tick * s
+            out.append(int(inside[np.argmin(np.abs(inside - centre))]))
+        else:
+            out.append(exact[s])
+    return out
+
+
+def sample_clip_indices(
+    num_video_frames: int,
+    num_segments: int,
+    train: bool,
+    generator: torch.Generator | None = None,
+    keyframes: Sequence[int] | None = None,
+) -> list[int]:
+    """Frame indices of one clip in processing order: ``sampled[processing_order(T)]``.
+
+    ``keyframes`` (sorted 0-based indices): keyframe-aware sampling (:func:`keyframe_train_indices` /
+    :func:`keyframe_eval_indices`); None: the exact TSN sampling of SPEC §3.
+    """
+    if keyframes is None:
+        sampled = (
+            train_indices(num_video_frames, num_segments, generator)
+            if train
+            else eval_indices(num_video_frames, num_segments)
+        )
+    elif train:
+        sampled = keyframe_train_indices(num_video_frames, num_segments, keyframes, generator)
+    else:
+        sampled = keyframe_eval_indices(num_video_frames, num_segments, keyframes)
     return [sampled[i] for i in processing_order(num_segments)]

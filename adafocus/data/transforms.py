@@ -2,6 +2,8 @@
 
 Only the original's fixed-offset multi-scale crop is written here (:class:`MultiScaleFixedCrop`); the rest is
 torchvision. Every random draw is made once per clip, so all T frames get the same crop and flip.
+The clip transforms stay on uint8 (in the DataLoader workers); :func:`normalize_video` turns a uint8 batch
+into the model's normalised float32 input once, on the device (``VideoDataModule.on_after_batch_transfer``).
 """
 
 from __future__ import annotations
@@ -70,24 +72,27 @@ class MultiScaleFixedCrop(v2.Transform):
         return self._call_kernel(F.crop, inpt, **params)
 
 
+def normalize_video(video: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` (a clip ``[T, 3, H, W]`` or a batch ``[B, T, 3, H, W]``) -> float32 in [0, 1]
+    normalised with the ImageNet mean/std: the model's input. Runs on the tensor's device."""
+    if video.dtype != torch.uint8 or video.ndim < 3 or video.shape[-3] != 3:
+        raise ValueError(
+            f"normalize_video expects uint8 [..., 3, H, W], got {video.dtype} {tuple(video.shape)}"
+        )
+    return F.normalize(F.to_dtype(video, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
 class VideoTransform:
-    """The clip transform preset: uint8 ``[T, 3, H, W]`` -> float32 ``[T, 3, S, S]`` normalised.
+    """The clip transform preset: uint8 ``[T, 3, H, W]`` -> uint8 ``[T, 3, S, S]`` (see normalize_video).
 
     - ``train and augment``: MultiScaleFixedCrop -> Resize((S, S)) bilinear -> RandomHorizontalFlip(0.5).
     - otherwise (eval): Resize(shorter side S*256//224) -> CenterCrop(S).
     - ``augment=False`` (pixel-exact data, e.g. synthetic): the eval transform for train and eval, and no
       resampling at all when the frames are already S x S.
-    Then ToDtype(float32, scale=True) + Normalize(ImageNet mean/std).
+    The resize runs on uint8 frames and rounds to uint8, as it did before the normalisation moved out.
     """
 
-    def __init__(
-        self,
-        input_size: int = 224,
-        train: bool = False,
-        augment: bool = True,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
+    def __init__(self, input_size: int = 224, train: bool = False, augment: bool = True) -> None:
         self.input_size, self.train, self.augment = int(input_size), bool(train), bool(augment)
         size = self.input_size
         if self.train and self.augment:
@@ -105,9 +110,6 @@ class VideoTransform:
                     v2.CenterCrop(size),
                 ]
             )
-        self.normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-        )
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[1] != 3:
@@ -118,7 +120,7 @@ class VideoTransform:
         exact = not self.augment and tuple(video.shape[-2:]) == (self.input_size, self.input_size)
         if not exact:
             clip = self.geometric(clip)
-        return self.normalize(clip).as_subclass(torch.Tensor)
+        return clip.as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:
         mode = "train" if self.train and self.augment else "eval"
