@@ -116,54 +116,60 @@ def exit_steps(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return torch.where(ge, steps, t).amin(dim=-1).clamp(max=t - 1)  # η_T = -inf: always exits by T
 
 
-def average_precision(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-class average precision of P score sets at once: scores [P, N, C], target [N, C] in {0, 1} (CPU)
-    -> float64 [P, C] (NaN for a class without a positive).
+def mean_average_precision_at_exits(
+    probs: torch.Tensor, exits: torch.Tensor, target: torch.Tensor
+) -> list[float]:
+    """mAP (%) of each set of exits at once: probs [T, C, N] (softmax of every step's logits, class-major),
+    exits long [S, N] (each video's step), target [N, C] in {0, 1} (CPU) -> S values.
 
-    Non-interpolated AP as torchmetrics' ``multilabel_average_precision(thresholds=None)`` and scikit-learn
-    compute it: Σ over the distinct score thresholds of Δrecall × precision, i.e. each positive counts the
-    precision among the videos scored at or above its score (without ties: the mean of the precision at each
-    positive). Vectorised over sets and classes instead of torchmetrics' Python loop per class: every column
-    is sorted once (numpy's SIMD sort, ~10x torch's on CPU), then each positive's two counts are searches.
+    Per class, non-interpolated AP as torchmetrics' ``multilabel_average_precision(thresholds=None)`` and
+    scikit-learn compute it: Σ over the distinct score thresholds of Δrecall × precision, i.e. each positive
+    counts the precision among the videos scored at or above its score (without ties: the mean of the
+    precision at each positive); the mean is over the classes with a positive (SPEC §4). Vectorised over sets
+    and classes instead of torchmetrics' Python loop per class: each (set, class) column is sorted once
+    (numpy's SIMD sort, ~10x torch's on CPU), then each positive's two counts are binary searches.
     """
-    p, n, c = scores.shape
-    columns = scores.transpose(1, 2).contiguous()  # (P, C, N)
-    ascending = torch.from_numpy(np.sort(columns.numpy(), axis=-1))  # (P, C, N)
+    _, c, n = probs.shape
     positives = target.sum(dim=0)  # (C,)
+    present = positives > 0
     m = int(positives.max())
     videos = target.t().argsort(dim=1, descending=True, stable=True)[:, :m]  # (C, M): positive videos first
     real = torch.arange(m) < positives[:, None]  # (C, M): not padding
-    # the positives' scores (P, C, M); padding is +inf, above every score
-    pos_scores = torch.where(real, columns.gather(-1, videos.expand(p, c, m)), torch.inf)
-    videos_at_or_above = n - torch.searchsorted(ascending, pos_scores)  # (P, C, M)
-    positives_at_or_above = positives[:, None] - torch.searchsorted(
-        pos_scores.sort(dim=-1).values, pos_scores
-    )
-    precision = torch.where(real, positives_at_or_above.double() / videos_at_or_above, 0.0)  # (P, C, M)
-    return precision.sum(dim=-1) / positives  # (P, C)
+    values: list[float] = []
+    for chunk in exits.split(max(1, 8_000_000 // (c * n))):  # ~8M scores at a time: bounded memory
+        s = chunk.shape[0]
+        columns = probs.gather(0, chunk[:, None, :].expand(s, c, n))  # (S, C, N): scores at the exits
+        ascending = torch.from_numpy(np.sort(columns.numpy(), axis=-1))  # (S, C, N)
+        # the positives' scores (S, C, M); padding is +inf, above every score
+        pos_scores = torch.where(real, columns.gather(-1, videos.expand(s, c, m)), torch.inf)
+        videos_at_or_above = n - torch.searchsorted(ascending, pos_scores)  # (S, C, M)
+        positives_at_or_above = positives[:, None] - torch.searchsorted(
+            pos_scores.sort(dim=-1).values, pos_scores
+        )
+        precision = torch.where(real, positives_at_or_above.double() / videos_at_or_above, 0.0)  # (S, C, M)
+        ap = precision.sum(dim=-1) / positives  # (S, C)
+        values += (100.0 * ap[:, present].mean(dim=1)).tolist()
+    return values
 
 
-def batched_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> list[float]:
-    """The dataset's metric in % for P sets of per-video logits: logits [P, N, C], labels [N, L] (-1 padded).
+def metric_at_exits(
+    logits: torch.Tensor, exits: torch.Tensor, labels: torch.Tensor, metric: str
+) -> list[float]:
+    """The dataset's metric in % for each set of exits: logits [N, T, C], exits long [S, N] (each video's
+    step), labels [N, L] (-1 padded) -> S values.
 
     "map": SPEC §4 — softmax scores, per-class average precision against the multi-hot truth, mean over the
     classes that have a positive (the others have no defined AP and are left out). "top1": accuracy of the
     argmax against the video's first label.
     """
-    num_sets, n, num_classes = logits.shape
+    n, _, num_classes = logits.shape
     if metric == "top1":
-        correct = (logits.argmax(dim=-1) == labels[:, 0]).sum(dim=1)  # (P,)
+        right = logits.argmax(dim=-1) == labels[:, :1]  # (N, T): step t's prediction is the first label
+        correct = right.gather(1, exits.t()).sum(dim=0)  # (S,)
         return (100.0 * (correct.float() / n).double()).tolist()
     if metric == "map":
-        target = multi_hot(labels, num_classes)  # (N, C)
-        present = target.sum(dim=0) > 0
-        # budgets in chunks of ~8M scores: bounded memory at any size, one sort per chunk
-        chunk = max(1, 8_000_000 // (n * num_classes))
-        values = []
-        for logits_chunk in logits.split(chunk):
-            ap = average_precision(F.softmax(logits_chunk.float(), dim=-1), target)  # (chunk, C)
-            values += (100.0 * ap[:, present].mean(dim=1)).tolist()
-        return values
+        probs = F.softmax(logits.float(), dim=-1).permute(1, 2, 0).contiguous()  # (T, C, N)
+        return mean_average_precision_at_exits(probs, exits, multi_hot(labels, num_classes))
     raise ValueError(f"metric={metric!r}: expected 'map' or 'top1'")
 
 
@@ -215,8 +221,8 @@ def early_exit_sweep(
     exit_counts = F.one_hot(steps, t).sum(dim=1)  # (P, T)
     mean_steps = (steps + 1).double().mean(dim=1)  # (P,)
     gflops = (mean_steps * (float(gflops_per_video) / t)).tolist()
-    chosen = eval_logits[torch.arange(n_eval), steps]  # (P, N, C): each video's logits at its exit step
-    *values, full_metric = batched_metric(torch.cat([chosen, eval_logits[None, :, -1]]), eval_labels, metric)
+    exits = torch.cat([steps, steps.new_full((1, n_eval), t - 1)])  # (P + 1, N): the budgets', then no exit
+    *values, full_metric = metric_at_exits(eval_logits, exits, eval_labels, metric)
     return EarlyExitResult(
         budgets=[float(b) for b in budgets],
         gflops=gflops,

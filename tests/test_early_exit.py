@@ -16,13 +16,13 @@ from PIL import Image
 
 from adafocus.early_exit import (
     DEFAULT_BUDGETS,
-    batched_metric,
     budgets_from_cfg,
     confidences,
     early_exit_sweep,
     exit_counts_target,
     exit_steps,
     find_thresholds,
+    metric_at_exits,
 )
 from adafocus.metrics import mean_average_precision
 from adafocus.predictions import save_predictions
@@ -217,10 +217,14 @@ def test_map_leaves_out_classes_without_positive():
     # mAP = (5/6 + 1) / 2 = 11/12
     logits = torch.tensor([[3.0, 0.0, 0.0], [1.0, 3.0, 0.0], [0.0, 2.0, 0.0]])
     labels = torch.tensor([[0, -1], [1, -1], [0, 1]])
-    # as one set of logits, and as the second of two sets (the first: every class wrong)
-    for sets, i in ((logits[None], 0), (torch.stack([-logits, logits]), 1)):
-        assert batched_metric(sets, labels, "map")[i] == pytest.approx(100 * 11 / 12)
-        assert batched_metric(sets, labels, "top1")[i] == pytest.approx(100 * 2 / 3)
+    # as the only step, and as step 1 of two (step 0: the opposite scores) for the second of two exit sets
+    one = metric_at_exits(logits[:, None], torch.zeros(1, 3, dtype=torch.long), labels, "map")
+    assert one == pytest.approx([100 * 11 / 12])
+    two_steps = torch.stack([-logits, logits], dim=1)  # (N, T = 2, C)
+    exits = torch.tensor([[0, 0, 0], [1, 1, 1]])
+    assert metric_at_exits(two_steps, exits, labels, "map")[1] == pytest.approx(100 * 11 / 12)
+    # step 0's argmax: class 1 (ties go to the first), 2, 0 -> only video 2 right
+    assert metric_at_exits(two_steps, exits, labels, "top1") == pytest.approx([100 / 3, 100 * 2 / 3])
 
 
 def reference_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
