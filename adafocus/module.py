@@ -125,7 +125,8 @@ class AdaFocusModule(pl.LightningModule):
     # ---- optimiser ----
     def configure_optimizers(self):
         """SGD (or the configured optimiser) over the four groups of SPEC §2 at ``lr x ratio``, with the
-        per-epoch cosine ``lr_e = 0.5 * lr * (1 + cos(pi * e / E))``."""
+        per-epoch ``optim.schedule``: ``cosine`` (the recipe), ``lr_e = 0.5 * lr * (1 + cos(pi*e/E))``;
+        or ``step`` (the original's ``--lr_type step``), ``lr_e = lr * gamma ** (milestones <= e)``."""
         ratios = self.optim_cfg.lr_ratios
         groups = [
             {"params": params, "name": name, "lr": self.lr * float(ratios[name])}
@@ -135,8 +136,20 @@ class AdaFocusModule(pl.LightningModule):
         if len(in_groups) != len(set(in_groups)) or set(in_groups) != {id(p) for p in self.parameters()}:
             raise RuntimeError("optimiser groups must hold every parameter exactly once")
         optimizer = instantiate(self.optim_cfg.optimizer)(groups, lr=self.lr)
-        # Per-epoch cosine: lr_e = 0.5 * lr * (1 + cos(pi * e / E)) for every group (SPEC §2).
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs, eta_min=0.0)
+        schedule = self.optim_cfg.get("schedule", "cosine")
+        if schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs, eta_min=0.0)
+        elif schedule == "step":
+            milestones = list(self.optim_cfg.get("milestones") or [])
+            if not milestones or any(not isinstance(m, int) or m < 1 for m in milestones):
+                raise ValueError(
+                    "optim.schedule=step needs optim.milestones, a list of epochs >= 1 at which the learning "
+                    f"rate is multiplied by optim.gamma (e.g. optim.milestones=[30,45]); got {milestones}"
+                )
+            gamma = float(self.optim_cfg.get("gamma", 0.1))
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+        else:
+            raise ValueError(f"optim.schedule={schedule!r}: expected 'cosine' (the recipe) or 'step'")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     @property

@@ -21,8 +21,9 @@ from adafocus.early_exit import (
     exit_counts_target,
     exit_steps,
     find_thresholds,
-    video_metric,
+    metric_at_exits,
 )
+from adafocus.metrics import mean_average_precision
 from adafocus.predictions import save_predictions
 from adafocus.tasks.early_exit import budgets_from_cfg
 
@@ -194,7 +195,7 @@ def test_max_logit_equals_original_algorithm(seed):
     ours_map = early_exit_sweep(calib, evals, multi, 16.0, "map", budgets[::7], "max_logit")
     ref_map = original_early_exit(calib, evals, labels[:, 0], budgets[::7], 16.0)
     for value, (_, _, outputs) in zip(ours_map.metric, ref_map, strict=True):
-        assert value == pytest.approx(video_metric(outputs, multi, "map"), abs=1e-6)
+        assert value == pytest.approx(reference_metric(outputs, multi, "map"), abs=1e-4)
 
 
 def test_sweep_monotone_in_gflops_on_random_logits():
@@ -216,8 +217,68 @@ def test_map_leaves_out_classes_without_positive():
     # mAP = (5/6 + 1) / 2 = 11/12
     logits = torch.tensor([[3.0, 0.0, 0.0], [1.0, 3.0, 0.0], [0.0, 2.0, 0.0]])
     labels = torch.tensor([[0, -1], [1, -1], [0, 1]])
-    assert video_metric(logits, labels, "map") == pytest.approx(100 * 11 / 12)
-    assert video_metric(logits, labels, "top1") == pytest.approx(100 * 2 / 3)
+    # as the only step, and as step 1 of two (step 0: the opposite scores) for the second of two exit sets
+    one = metric_at_exits(logits[:, None], torch.zeros(1, 3, dtype=torch.long), labels, "map")
+    assert one == pytest.approx([100 * 11 / 12])
+    two_steps = torch.stack([-logits, logits], dim=1)  # (N, T = 2, C)
+    exits = torch.tensor([[0, 0, 0], [1, 1, 1]])
+    assert metric_at_exits(two_steps, exits, labels, "map")[1] == pytest.approx(100 * 11 / 12)
+    # step 0's argmax: class 1 (ties go to the first), 2, 0 -> only video 2 right
+    assert metric_at_exits(two_steps, exits, labels, "top1") == pytest.approx([100 / 3, 100 * 2 / 3])
+
+
+def reference_metric(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
+    """One budget's metric the straightforward way: torchmetrics' per-class AP (adafocus.metrics) / argmax."""
+    if metric == "map":
+        return mean_average_precision(torch.softmax(logits.float(), dim=-1), labels)[0]
+    return 100.0 * float((logits.argmax(dim=-1) == labels[:, 0]).float().mean())
+
+
+def regression_case(seed: int, ties: bool):
+    """n 300 calibration / 120 evaluation videos, T 6, C 9; classes 7 and 8 never a label; with ``ties``,
+    integer logits (many equal scores and confidences)."""
+    g = torch.Generator().manual_seed(seed)
+    n, m, t, c = 300, 120, 6, 9
+    if ties:
+        calib = torch.randint(-3, 4, (n, t, c), generator=g).float()
+        evals = torch.randint(-3, 4, (m, t, c), generator=g).float()
+    else:
+        calib = torch.randn(n, t, c, generator=g) * 2
+        evals = torch.randn(m, t, c, generator=g) * 2
+    labels = torch.randint(0, c - 2, (m, 2), generator=g)
+    labels[::3, 1] = -1
+    return calib, evals, labels
+
+
+# the sweep's (metric per budget, no-exit metric) on regression_case, by the per-budget torchmetrics
+# implementation before the metric was batched (commit 2b3128f), budgets [0.5, 1.0, 1.7, 3.9]
+BEFORE_BATCHING = {
+    (0, False, "softmax", "map"): ([24.549713, 24.921013, 24.752953, 24.945633], 22.822039),
+    (0, False, "softmax", "top1"): ([5.0, 6.666667, 8.333334, 9.166667], 10.833333),
+    (0, False, "max_logit", "map"): ([26.816797, 25.79846, 24.115791, 25.299839], 22.822039),
+    (0, False, "max_logit", "top1"): ([10.833333, 5.0, 10.833333, 10.0], 10.833333),
+    (1, True, "softmax", "map"): ([23.355427, 25.82683, 25.795109, 25.456833], 25.972048),
+    (1, True, "softmax", "top1"): ([8.333334, 14.166667, 11.666667, 9.166667], 10.0),
+    (1, True, "max_logit", "map"): ([25.012857, 25.012857, 25.012857, 24.955057], 25.972048),
+    (1, True, "max_logit", "top1"): ([10.833333, 10.833333, 10.833333, 10.833333], 10.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE_BATCHING))
+def test_batched_metric_gives_the_numbers_of_before(case):
+    seed, ties, criterion, metric = case
+    calib, evals, labels = regression_case(seed, ties)
+    res = early_exit_sweep(calib, evals, labels, 12.0, metric, [0.5, 1.0, 1.7, 3.9], criterion)
+    values, full = BEFORE_BATCHING[case]
+    # equal up to the float32 rounding of the torchmetrics computation (the batched one sums in float64)
+    assert res.metric == pytest.approx(values, abs=1e-5)
+    assert res.full_metric == pytest.approx(full, abs=1e-5)
+    # and per budget against the straightforward computation on the videos' exit logits
+    steps = exit_steps(confidences(evals, criterion), res.thresholds)
+    for value, exits in zip(res.metric, steps, strict=True):
+        assert value == pytest.approx(
+            reference_metric(evals[torch.arange(len(evals)), exits], labels, metric), abs=1e-4
+        )
 
 
 def test_budgets_from_cfg():

@@ -210,17 +210,33 @@ class AdaFocusV2(nn.Module):
 
 
 def load_glance_checkpoint(trunk: nn.Module, path: str | Path) -> None:
-    """Initialise a ResNet glance trunk from a torchvision-named state dict file (the 96 px ResNet-50)."""
+    """Initialise the glance trunk from an ImageNet state dict file, strictly.
+
+    res50: a torchvision-named ResNet-50 (the original's 96 px file). mbv2: the original's
+    ``mobilenetv2_1.0-f2a8633.pth.tar`` (``features.N`` in the published nesting of SPEC §6, re-nested to
+    torchvision's). Either may be wrapped in ``state_dict`` and carry ``module.``; the unused ImageNet
+    classifier (``fc`` / ``classifier``) is dropped. BatchNorm ``num_batches_tracked`` counters a file from
+    before PyTorch 0.4.1 lacks are filled in by ``load_state_dict``.
+    """
+    from adafocus.models.official import _mbv2_from_official
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
-    state = {
-        k.removeprefix("module."): v
-        for k, v in state.items()
-        if not k.removeprefix("module.").startswith("fc.")
-    }
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.startswith(("fc.", "classifier.")):
+            continue
+        if key.startswith("features."):  # MobileNetV2: the published nesting -> torchvision's
+            try:
+                key = _mbv2_from_official(key.removeprefix("features."))
+            except KeyError:
+                pass  # not a published index: listed as unexpected below
+        renamed[key] = value
+    state = renamed
     own = trunk.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or mismatched:
