@@ -54,10 +54,6 @@ class BudgetThresholds:
         conf = confidences(logits.detach().cpu().unsqueeze(1), self.criterion)[:, 0]  # (B,)
         return conf >= self.eta[step]
 
-    def gflops_at(self, step: int) -> float:
-        """Cost of a video that stops after 0-based ``step``: (step + 1) · G / T."""
-        return (step + 1) * self.gflops_per_video / len(self.eta)
-
 
 @dataclass(frozen=True)
 class Thresholds:

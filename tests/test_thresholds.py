@@ -35,7 +35,6 @@ def test_round_trip_is_exact(tmp_path):
         b = th.budget(p)
         assert torch.equal(b.eta, result.thresholds[i])  # bit-exact float32
         assert (b.gflops, b.metric) == (result.gflops[i], result.metric[i])
-        assert b.gflops_at(0) == 2.5 / 6 and b.gflops_at(5) == 2.5
 
 
 @pytest.mark.parametrize("criterion", ["softmax", "max_logit"])
