@@ -5,6 +5,7 @@
   confidence).
 - ``save_focus_gif``: animated GIF of the frames with the moving box (PIL's GIF writer).
 - ``save_focus_examples``: both files for the first K videos of a batch (``evaluate.py visualize=K``).
+- ``captioned``, ``save_gif``, ``save_mp4``: caption strips under frames; GIF and H.264 MP4 writers (demo).
 - ``FocusVisualizationCallback``: logs the figure for a fixed validation batch every N epochs to the W&B and
   TensorBoard loggers of the trainer (nothing when neither is present).
 
@@ -161,7 +162,29 @@ def save_focus_gif(
     frames: Any, actions: Any, patch_size: int, gif_path: str | os.PathLike, duration_ms: int = 400
 ) -> Path:
     """Animated GIF (one frame per step, looping) of the frames with the moving patch box."""
-    images = focus_gif_frames(frames, actions, patch_size)
+    return save_gif(focus_gif_frames(frames, actions, patch_size), gif_path, duration_ms)
+
+
+def captioned(images: list, captions: Sequence[Sequence[str]], font_size: int = 13) -> list:
+    """The images with a black strip below each holding its caption lines (PIL images, same count)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    line = font_size + 4
+    height = 4 + line * max(len(c) for c in captions)
+    out = []
+    for img, lines in zip(images, captions, strict=True):
+        canvas = Image.new("RGB", (img.width, img.height + height + height % 2), (0, 0, 0))  # even: yuv420p
+        canvas.paste(img, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        for i, text in enumerate(lines):
+            draw.text((4, img.height + 3 + i * line), text, fill=(255, 255, 255), font=font)
+        out.append(canvas)
+    return out
+
+
+def save_gif(images: list, gif_path: str | os.PathLike, duration_ms: int = 400) -> Path:
+    """Animated looping GIF of PIL images (PIL's GIF writer), written atomically."""
 
     def write(tmp: str) -> None:
         images[0].save(
@@ -175,6 +198,26 @@ def save_focus_gif(
         )
 
     return _atomic(gif_path, write)
+
+
+def save_mp4(images: list, mp4_path: str | os.PathLike, fps: int = 2) -> Path:
+    """H.264 MP4 (PyAV, yuv420p) of PIL images of one size (cropped to even sides), written atomically."""
+    import av
+
+    width, height = images[0].width // 2 * 2, images[0].height // 2 * 2
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for img in images:
+                rgb = np.ascontiguousarray(np.asarray(img.convert("RGB"))[:height, :width])  # (H, W, 3)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+
+    return _atomic(mp4_path, write)
 
 
 def save_focus_examples(

@@ -1,6 +1,6 @@
 """AdaFocusV2 model core: plain nn.Modules, no Lightning."""
 
-from adafocus.models.adafocus import AdaFocusOutput, AdaFocusV2, GlanceOutput
+from adafocus.models.adafocus import AdaFocusOutput, AdaFocusV2, GlanceOutput, StepOutput, StreamState
 from adafocus.models.backbones import BACKBONES, build_trunk, get_backbone
 from adafocus.models.classifier import RecurrentPoolingClassifier
 from adafocus.models.glance import GlanceNetwork
@@ -10,6 +10,7 @@ from adafocus.models.policy import POLICIES, CenterPolicy, PolicyNetwork, Random
 
 __all__ = [
     "BACKBONES", "POLICIES", "AdaFocusOutput", "AdaFocusV2", "CenterPolicy", "GlanceNetwork", "GlanceOutput",
-    "PatchExtractor", "PolicyNetwork", "RandomPolicy", "RecurrentPoolingClassifier", "build_trunk",
+    "PatchExtractor", "PolicyNetwork", "RandomPolicy", "RecurrentPoolingClassifier", "StepOutput",
+    "StreamState", "build_trunk",
     "from_official_state_dict", "get_backbone", "to_official_state_dict",
 ]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,26 @@ class AdaFocusOutput:
     global_logits: torch.Tensor  # [B, T, C] glance head
     local_logits: torch.Tensor  # [B, T, C] focus head
     actions: torch.Tensor  # [B, T, 2] patch positions (row, col) in [0, 1] ([B, T, 3] with a patch size)
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """What :meth:`AdaFocusV2.step` carries from one frame to the next (see :meth:`AdaFocusV2.init_state`)."""
+
+    batch_size: int
+    step: int  # frames seen so far = the index of the next step's classifier head
+    policy: nn.Module  # the policy streaming with (the model's learned one, or a fixed one)
+    policy_state: Any  # the policy's recurrent state (PolicyNetwork: GRU hidden [1, B, hidden]); None first
+    pooled: torch.Tensor | None  # [B, classifier_dim] running max of the classifier's z_t; None at first
+
+
+@dataclass
+class StepOutput:
+    step: int  # 0-based index t of this frame in processing order (= the classifier head used)
+    logits: torch.Tensor  # [B, C] step t's head, equal to forward(video).logits[:, t]
+    action: torch.Tensor  # [B, 2] patch position (row, col) in [0, 1] ([B, 3] with a patch size)
+    confidence: torch.Tensor  # [B] max softmax probability (the paper's exit criterion); the original
+    # code's max raw logit is ``logits.amax(-1)`` (early_exit.confidences(logits[:, None], "max_logit"))
 
 
 class AdaFocusV2(nn.Module):
@@ -152,6 +173,52 @@ class AdaFocusV2(nn.Module):
 
     def forward(self, video: torch.Tensor, policy: str | nn.Module | None = None) -> AdaFocusOutput:
         return self.run_focus(video, self.run_glance(video), policy)
+
+    # ---- streaming: one frame at a time ----
+    def init_state(self, batch_size: int, policy: str | nn.Module | None = None) -> StreamState:
+        """The state before the first frame of ``batch_size`` streams; ``policy`` as in :meth:`actions`."""
+        if policy is None or policy == "learned":
+            policy = self.policy
+        elif isinstance(policy, str):
+            if policy not in POLICIES:
+                raise ValueError(f"policy must be one of {sorted(POLICIES)} or a module, got {policy!r}")
+            policy = POLICIES[policy](**self.glance_shape)
+        if not callable(getattr(policy, "step", None)):
+            raise TypeError(
+                f"policy {type(policy).__name__} has no step(feature_map, state) method: it cannot stream "
+                "(see adafocus.models.policy)"
+            )
+        return StreamState(int(batch_size), 0, policy, None, None)
+
+    @torch.no_grad()
+    def step(self, frame: torch.Tensor, state: StreamState) -> tuple[StepOutput, StreamState]:
+        """Feed the next frame in processing order: ``frame`` [B, 3, H, W] normalised (``video[:, t]`` of
+        :meth:`forward`'s input) -> (this step's :class:`StepOutput`, the new state). Eval mode only (in
+        train mode BatchNorm would use the statistics of B frames instead of B*T). T steps give
+        ``forward(video)``'s ``logits[:, t]`` and ``actions[:, t]`` to float tolerance::
+
+            state = model.eval().init_state(batch_size)
+            for t in range(model.num_frames):
+                out, state = model.step(video[:, t], state)
+        """
+        if self.training:
+            raise RuntimeError("AdaFocusV2.step is inference only: call model.eval() first")
+        expected = (state.batch_size, 3, self.input_size, self.input_size)
+        if tuple(frame.shape) != expected:
+            raise ValueError(f"AdaFocusV2.step expects a frame {list(expected)}, got {list(frame.shape)}")
+        if state.step >= self.num_frames:
+            raise ValueError(f"AdaFocusV2.step: all {self.num_frames} steps done; start a new init_state()")
+        if not torch.isfinite(frame).all():
+            raise ValueError("AdaFocusV2.step input contains NaN or Inf values")
+        fmap = self.glance(frame)  # (B, Cg, h, w)
+        action, policy_state = state.policy.step(fmap, state.policy_state)  # (B, 2) or (B, 3)
+        sizes = action[:, 2] * self.input_size if action.shape[-1] == 3 else None  # (B,)
+        patch = self.patch_extractor(frame, action, sizes)  # (B, 3, P, P)
+        fused = torch.cat([fmap.mean(dim=(2, 3)), self.focus(patch).mean(dim=(2, 3))], dim=-1)  # (B, Cg + Cf)
+        logits, pooled = self.classifier.step(fused, state.pooled, state.step)  # (B, C), (B, hidden)
+        confidence = torch.softmax(logits.float(), dim=-1).amax(dim=-1)  # (B,)
+        out = StepOutput(state.step, logits, action, confidence)
+        return out, StreamState(state.batch_size, state.step + 1, state.policy, policy_state, pooled)
 
     # ---- bookkeeping ----
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -35,3 +35,12 @@ class RecurrentPoolingClassifier(nn.Module):
         z = self.mlp(features.flatten(0, 1)).view(b, t, -1)  # (B, T, hidden)
         h = z.cummax(dim=1).values  # (B, T, hidden)
         return torch.einsum("bth,tch->btc", self.dropout(h), self.head_weight) + self.head_bias  # (B, T, C)
+
+    def step(
+        self, features: torch.Tensor, pooled: torch.Tensor | None, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``t`` (0-based) alone: features [B, in_dim] of frame t, ``pooled`` [B, hidden] the running max
+        of steps < t (None at t = 0) -> (step t's logits [B, C], the running max including step t)."""
+        z = self.mlp(features)  # (B, hidden)
+        pooled = z if pooled is None else torch.maximum(pooled, z)
+        return self.dropout(pooled) @ self.head_weight[t].T + self.head_bias[t], pooled  # (B, C)

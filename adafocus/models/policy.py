@@ -5,6 +5,10 @@ to actions ``[B, T, 2]`` (patch row, col in [0, 1]) or ``[B, T, 3]`` (plus the p
 the frame side, for scale-aware policies). It is built from the glance map's shape,
 ``policy_cls(in_channels=C, map_size=(h, w), ...)``, so a new policy is one class here (or anywhere,
 by ``_target_``) plus one file in ``conf/policy/``.
+
+Streaming (``AdaFocusV2.step``): a policy also has ``step(feature_map [B, C, h, w], state) -> (actions
+[B, 2|3], state)``, one frame at a time; ``state`` is None before the first frame and whatever the policy
+returned after it (the GRU's hidden state for :class:`PolicyNetwork`, None for the fixed policies).
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ class PolicyNetwork(nn.Module):
         x, _ = self.gru(x.view(b, t, -1))  # (B, T, hidden)
         return self.fc(x)  # (B, T, 2)
 
+    def step(
+        self, feature_map: torch.Tensor, hidden: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame: feature_map [B, C, h, w], GRU hidden [1, B, hidden] (None: zeros) -> action [B, 2] and
+        the new hidden state. The same GRU run on a length-1 sequence, so T steps equal :meth:`forward`."""
+        x = self.encoder(feature_map)  # (B, hidden)
+        x, hidden = self.gru(x.unsqueeze(1), hidden)  # (B, 1, hidden), (1, B, hidden)
+        return self.fc(x[:, 0]), hidden  # (B, 2)
+
 
 class RandomPolicy(nn.Module):
     """Uniformly random patch positions, ``U[0, 1]^2`` per frame: training's diversity pass (SPEC §2) and the
@@ -53,6 +66,10 @@ class RandomPolicy(nn.Module):
         b, t = feature_map.shape[:2]
         return torch.rand(b, t, 2, device=feature_map.device, dtype=feature_map.dtype)  # (B, T, 2)
 
+    def step(self, feature_map: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
+        """One frame [B, C, h, w] -> action [B, 2]; stateless."""
+        return self(feature_map.unsqueeze(1))[:, 0], state
+
 
 class CenterPolicy(nn.Module):
     """The centre patch on every frame (the paper's centre-patch ablation). Arguments as RandomPolicy."""
@@ -62,6 +79,10 @@ class CenterPolicy(nn.Module):
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         return feature_map.new_full((*feature_map.shape[:2], 2), 0.5)  # (B, T, 2)
+
+    def step(self, feature_map: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
+        """One frame [B, C, h, w] -> action [B, 2]; stateless."""
+        return self(feature_map.unsqueeze(1))[:, 0], state
 
 
 POLICIES: dict[str, type[nn.Module]] = {
