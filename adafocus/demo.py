@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 
 from adafocus.data import VideoTransform, read_class_index, sample_clip_indices
 from adafocus.data.io import read_video
+from adafocus.data.transforms import normalize_video
 from adafocus.early_exit import confidences
 from adafocus.fileio import atomic_write_text
-from adafocus.pipeline import load_module
+from adafocus.tasks.checkpoint import load_module
 from adafocus.thresholds import BudgetThresholds, read_thresholds
 from adafocus.visualize import captioned, denormalize, focus_gif_frames, save_gif, save_mp4
 
@@ -33,16 +34,25 @@ log = logging.getLogger(__name__)
 
 def load_clip(path: Path, data: DictConfig) -> tuple[torch.Tensor, list[int]]:
     """One video as evaluation feeds it to the model: float ``[T, 3, S, S]`` normalised, in processing order
-    (``data``: the run's ``data`` node), and the decoded frame index of each step."""
+    (``data``: the run's ``data`` node: decoder, sampling, sizes), and the decoded frame index of each
+    step."""
     indices: list[int] = []
+    keyframe = data.get("sampling", "exact") == "keyframe"
 
-    def pick(num_video_frames: int) -> list[int]:
-        indices.extend(sample_clip_indices(num_video_frames, int(data.num_frames), train=False))
-        return indices
+    def pick(num_video_frames: int, keyframes=None) -> list[int]:
+        chosen = sample_clip_indices(
+            num_video_frames, int(data.num_frames), train=False, keyframes=keyframes if keyframe else None
+        )
+        indices.extend(chosen)
+        return chosen
 
-    frames = read_video(path, pick, data.decode_short_side)  # (T, H, W, 3) uint8
-    clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W)
-    return VideoTransform(int(data.input_size), train=False, augment=bool(data.augment))(clip), indices
+    clip = read_video(
+        path, pick, data.decode_short_side, decoder=data.get("decoder", "decord")
+    )  # (T, 3, H, W)
+    clip = VideoTransform(int(data.input_size), train=False, augment=bool(data.augment))(
+        clip
+    )  # uint8 (T,3,S,S)
+    return normalize_video(clip), indices
 
 
 def class_names(data: DictConfig, num_classes: int) -> tuple[list[str], Path | None]:
@@ -91,13 +101,14 @@ def run_demo(cfg: DictConfig) -> dict:
     gflops = module.gflops_per_video
     k = min(int(cfg.top_k), num_classes)
     where = f"names from {index_file}" if index_file else "no class index found"
+    policy_name = "learned" if module.eval_policy is None else type(module.eval_policy).__name__
     print(
         f"AdaFocusV2 {cfg.ckpt_path} on {video}: {t_steps} steps, {num_classes} classes ({where}), "
-        f"policy {cfg.policy}, {gflops:.4g} GFLOPs for all steps",
+        f"policy {policy_name}, {gflops:.4g} GFLOPs for all steps",
         flush=True,
     )
 
-    state = model.init_state(1, cfg.policy)
+    state = model.init_state(1, module.eval_policy)  # policy=random|center: another than the trained one
     steps, stop = [], None
     for t in range(t_steps):
         out, state = model.step(clip[None, t], state)
@@ -171,7 +182,7 @@ def run_demo(cfg: DictConfig) -> dict:
     result = {
         "video": str(video),
         "checkpoint": str(cfg.ckpt_path),
-        "policy": str(cfg.policy),
+        "policy": policy_name,
         "gflops_per_video": gflops,
         "steps": steps,
         "exit": exit_info,

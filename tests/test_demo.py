@@ -18,7 +18,7 @@ from PIL import Image
 from adafocus.data import ListFileError, VideoReadError
 from adafocus.early_exit import confidences, early_exit_sweep, exit_steps
 from adafocus.module import AdaFocusModule
-from adafocus.pipeline import train
+from adafocus.tasks import train
 from adafocus.thresholds import ThresholdsFileError, write_thresholds
 
 ROOT = Path(__file__).resolve().parents[1]

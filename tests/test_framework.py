@@ -305,3 +305,42 @@ def test_predict_task_writes_a_prediction_file(trained, tmp_path):
     preds = load_predictions(out)
     assert preds["logits"].shape == (5, 2, 4) and len(preds["paths"]) == 5
     assert preds["paths"] == sorted(preds["paths"]) and all(p.startswith("train/") for p in preds["paths"])
+
+
+@pytest.mark.slow
+def test_train_on_your_own_videos_from_a_published_checkpoint(trained, tmp_path):
+    """The README's path: a ROOT/<class>/<video> folder -> prepare build -> fine-tune a published-layout
+    checkpoint with another class count (init_from) -> evaluate -> early exit."""
+    from videos import numbered_frames, write_video
+
+    from adafocus.models import to_official_state_dict
+
+    results, _ = trained
+    ours = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=True)
+    module = AdaFocusModule(ours["hyper_parameters"]["config"])
+    module.load_state_dict(ours["state_dict"])
+    published = tmp_path / "synthetic_p16_mbv3s.pth.tar"  # 4 classes
+    torch.save({"state_dict": to_official_state_dict(module.model)}, published)
+    for c, name in enumerate(["jump", "run", "swim"]):
+        for v in range(4):
+            write_video(tmp_path / "root" / name / f"v{v}.mp4", numbered_frames(8, 48, 64, seed=4 * c + v))
+    data = tmp_path / "data"
+    run("-m", "adafocus.data.prepare", "build", str(tmp_path / "root"), str(data), "--val-fraction", "0.25",
+        "--quiet")  # fmt: skip
+    own = [
+        "dataset=custom", "dataset.num_classes=3", f"data_dir={data}", "dataset.input_size=64",
+        "dataset.decode_short_side=null", "backbone=cpu", "backbone.glance_size=8", "patch=16",
+        "num_frames=2", "batch_size=3", "workers=0", "backbone.stn_hidden_dim=32",
+        "backbone.classifier_dim=64",
+    ]  # fmt: skip
+    out = tmp_path / "finetune"
+    tuned = run("train.py", *own, "epochs=1", f"init_from={published}", f"hydra.run.dir={out}")
+    assert "re-initialised" in tuned.stdout and "glance_head.1.weight" in tuned.stdout, tuned.stdout
+    best = next((out / "checkpoints").glob("best-*.ckpt"))
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert state["model.glance_head.1.weight"].shape[0] == 3
+    run("evaluate.py", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'eval'}")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_videos"] == 3 and 0 <= metrics["top1"] <= 100  # one val video per class
+    run("early_exit.py", f"ckpt_path={best}", "budgets=[1.0]", f"hydra.run.dir={tmp_path / 'ee'}")
+    assert (tmp_path / "ee" / "early_exit.csv").is_file() and (tmp_path / "ee" / "thresholds.json").is_file()

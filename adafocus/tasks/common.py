@@ -33,11 +33,12 @@ def cli_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def check_config(cfg: DictConfig, stage: str = "train") -> None:
+def check_config(cfg: DictConfig, stage: str = "train", train_list: bool | None = None) -> None:
     """Catch bad configuration before any work: clear errors, and warnings where the original only warned.
 
     ``stage``: "train" (train.py) or "eval" (evaluate / predict / early exit: no training list needed, no
-    recipe or glance_ckpt warnings since the weights come from a checkpoint)."""
+    recipe or glance_ckpt warnings since the weights come from a checkpoint). ``train_list``: whether the
+    training list must exist (default: for "train"; predictions on the training split need it too)."""
     patch, size = int(cfg.patch), int(cfg.dataset.input_size)
     if not 0 < patch < size:
         raise ValueError(f"patch={patch} must be smaller than the frame size dataset.input_size={size}")
@@ -46,12 +47,19 @@ def check_config(cfg: DictConfig, stage: str = "train") -> None:
         raise ValueError(f"optim.lr_ratios lacks {sorted(missing_ratios)} (one ratio per parameter group)")
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    if cfg.get("init_from") and stage == "train":
+        if cfg.get("ckpt_path"):
+            raise ValueError(
+                "init_from= starts a new run from trained weights, ckpt_path= resumes a run: give one of them"
+            )
+        if not Path(cfg.init_from).is_file():
+            raise FileNotFoundError(f"init_from={cfg.init_from}: no such file")
     if int(cfg.epochs) < 1 and stage == "train":
         raise ValueError(f"epochs={cfg.epochs}: a training run needs at least one epoch")
     if cfg.dataset.get("generate") is None:  # a real dataset: its lists must be where data_dir says
         data_dir = Path(cfg.data_dir)
         needed = [cfg.dataset.val_list, cfg.dataset.class_index]
-        if stage == "train":
+        if stage == "train" if train_list is None else train_list:
             needed.insert(0, cfg.dataset.train_list)
         missing = [str(data_dir / n) for n in needed if not (data_dir / n).is_file()]
         media = data_dir / ("videos" if cfg.dataset.backend == "video" else "frames")

@@ -1,6 +1,6 @@
 """The early-exit task (AdaFocusV2+, SPEC §5): ``early_exit(cfg)`` takes prediction files (or computes them
 with the predict task), sweeps the budgets with :mod:`adafocus.early_exit` and writes the curve as CSV, PNG,
-a table and, when configured, to the loggers."""
+a table and, when configured, to the loggers, plus the thresholds file a stream stops with."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from adafocus.fileio import atomic_path
 from adafocus.predictions import check_compatible, load_predictions
 from adafocus.tasks.common import cli_overrides, finish_wandb, instantiate_loggers, plain_config
 from adafocus.tasks.predict import predict
+from adafocus.thresholds import write_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,16 @@ def early_exit(cfg: DictConfig) -> dict:
     )  # fmt: skip
     name = f"{evals['dataset']}: AdaFocusV2+ ({criterion})"
     csv_path = write_csv(result, out_dir / "early_exit.csv")
+    thresholds_path = write_thresholds(  # what the demo and the step API stop with
+        out_dir / "thresholds.json", result, num_classes=evals["num_classes"], dataset=evals["dataset"]
+    )
     png_path = save_plot(result, out_dir / "early_exit.png", title=name)
     console = Console()
     console.print(
         make_table(result, f"{name}, {result.num_calib} calibration / {result.num_eval} eval videos")
     )
     console.print(f"sweep of {len(budgets)} budgets took {result.seconds:.2f} s")
-    print(f"wrote {csv_path} and {png_path}", flush=True)  # plain line: paths are never cut
+    print(f"wrote {csv_path}, {png_path} and {thresholds_path}", flush=True)  # plain: paths are never cut
     loggers = instantiate_loggers(cfg, hyperparams=plain_config(cfg))
     for lg in loggers:
         lg.log_metrics({"early_exit/no_exit_gflops": result.full_gflops,
@@ -118,6 +122,7 @@ def early_exit(cfg: DictConfig) -> dict:
         "criterion": criterion,
         "csv": str(csv_path),
         "plot": str(png_path),
+        "thresholds": str(thresholds_path),
         "calib_predictions": calib_src,
         "eval_predictions": eval_src,
         "seconds": result.seconds,

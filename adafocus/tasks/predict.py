@@ -25,7 +25,7 @@ def predict(
     ``transform``: "eval" or "train" frames and crops), saved to ``out`` as a prediction file
     (:mod:`adafocus.predictions`); returns the prediction dict (on global rank 0; {} elsewhere)."""
     module, run_cfg = load_module(cfg, overrides)
-    check_config(run_cfg, "eval" if split == "val" else "train")
+    check_config(run_cfg, "eval", train_list=split == "train")
     pl.seed_everything(int(run_cfg.seed), verbose=False)
     datamodule = build_datamodule(run_cfg, eval_limit=limit, predict_split=split, predict_transform=transform)
     meta = {"gflops_per_video": module.gflops_per_video, "metric": run_cfg.dataset.metric,

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
+from adafocus.models.finetune import init_from_checkpoint
 from adafocus.module import AdaFocusModule
 from adafocus.tasks.checkpoint import build_datamodule
 from adafocus.tasks.common import (
@@ -25,8 +26,9 @@ from adafocus.tasks.common import (
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train as ``cfg`` says (resume from ``cfg.ckpt_path``); returns ``best_<metric>``, the last ``val/*``
-    values, ``gflops``, the best and last checkpoint paths, ``epochs`` and ``seconds``."""
+    """Train as ``cfg`` says (resume from ``cfg.ckpt_path``, or fine-tune from ``cfg.init_from``); returns
+    ``best_<metric>``, the last ``val/*`` values, ``gflops``, the best and last checkpoint paths, ``epochs``
+    and ``seconds``."""
     start = time.time()
     check_config(cfg, "train")
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -37,6 +39,10 @@ def train(cfg: DictConfig) -> dict:
     check_world(cfg, trainer)  # before the model and the data: a bad batch split costs nothing
     datamodule = build_datamodule(cfg)
     module = AdaFocusModule(config)
+    if cfg.get("init_from"):  # fine-tuning: a new run (epoch 0, new optimiser) from trained weights
+        summary = init_from_checkpoint(module.model, cfg.init_from)
+        if trainer.is_global_zero:
+            print(summary, flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     checkpoint = (
