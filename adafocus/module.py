@@ -90,12 +90,21 @@ class AdaFocusModule(pl.LightningModule):
         self.val_metrics.reset()
         self.log_dict({f"val/{k}": v for k, v in values.items()})
 
+    def eval_logits(self, video: torch.Tensor) -> torch.Tensor:
+        """Per-step logits ``[B, T, C]`` at the evaluation policy; ``video`` ``[B, T, 3, S, S]``, or
+        ``[B, V, T, 3, S, S]`` for multi-view testing (V clips x crops: the views' logits averaged)."""
+        if video.dim() == 5:
+            return self.model(video, self.eval_policy).logits
+        b, v = video.shape[:2]
+        logits = self.model(video.flatten(0, 1), self.eval_policy).logits  # (B*V, T, C)
+        return logits.view(b, v, *logits.shape[1:]).mean(dim=1)  # (B, T, C)
+
     def test_step(self, batch: dict, batch_idx: int) -> dict | None:
         """Scores the final step; returns what :meth:`predict_step` returns (for a prediction writer)."""
         self.test_videos.update(batch["video"].shape[0])
         if not batch["video"].shape[0]:
             return None
-        logits = self.model(batch["video"], self.eval_policy).logits  # (B, T, C)
+        logits = self.eval_logits(batch["video"])  # (B, T, C)
         self.test_metrics.update(logits[:, -1], batch["labels"])
         return self._outputs(batch, logits)
 
@@ -111,7 +120,7 @@ class AdaFocusModule(pl.LightningModule):
         (None for a batch whose videos were all skipped)."""
         if not batch["video"].shape[0]:
             return None
-        return self._outputs(batch, self.model(batch["video"], self.eval_policy).logits)
+        return self._outputs(batch, self.eval_logits(batch["video"]))
 
     @staticmethod
     def _outputs(batch: dict, logits: torch.Tensor) -> dict:

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from adafocus.data import ListFileError, VideoReadError
+from adafocus.data.transforms import normalize_video
 from adafocus.early_exit import confidences, early_exit_sweep, exit_steps
 from adafocus.module import AdaFocusModule
 from adafocus.tasks import train
@@ -61,7 +62,7 @@ def trained(tmp_path_factory) -> dict:
     for split in ("train", "val"):
         batches = list(datamodule.eval_dataloader(split))
         with torch.no_grad():
-            logits[split] = torch.cat([model(b["video"]).logits for b in batches])  # (N, T, C)
+            logits[split] = torch.cat([model(normalize_video(b["video"])).logits for b in batches])  # (N,T,C)
         paths[split] = [p for b in batches for p in b["path"]]
     return {
         "ckpt": ckpt,

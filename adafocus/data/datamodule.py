@@ -81,6 +81,8 @@ class VideoDataModule(pl.LightningDataModule):
         manifest: str | None = "videos/manifest.jsonl",
         decode_device: str = "cpu",
         eval_limit: int | None = None,
+        test_clips: int = 1,
+        test_crops: int = 1,
         predict_split: str = "val",
         predict_transform: str = "eval",
     ) -> None:
@@ -147,6 +149,11 @@ class VideoDataModule(pl.LightningDataModule):
         self._eval_datasets: dict[str, VideoClipDataset] = {}
         self._train_epoch_size = 0
         self.eval_limit = None if eval_limit is None else int(eval_limit)
+        if int(test_clips) < 1 or int(test_crops) not in (1, 3):
+            raise ValueError(f"test_clips={test_clips} must be >= 1 and test_crops={test_crops} 1 or 3")
+        if int(test_clips) > 1 and sampling != "exact":
+            raise ValueError(f"test_clips={test_clips} needs dataset.sampling=exact, got {sampling!r}")
+        self.test_clips, self.test_crops = int(test_clips), int(test_crops)
         self.predict_split, self.predict_transform = predict_split, predict_transform
 
     # ------------------------------------------------------------------ setup
@@ -231,7 +238,11 @@ class VideoDataModule(pl.LightningDataModule):
             check_file(info, path.parent)
 
     def _dataset(
-        self, entries: list[VideoEntry], train: bool, train_transform: bool = False
+        self,
+        entries: list[VideoEntry],
+        train: bool,
+        train_transform: bool = False,
+        views: tuple[int, int] = (1, 1),
     ) -> VideoClipDataset:
         """``train``: the training set (random frames and crops; bad videos substituted); else an evaluation
         set (bad videos raise or, with skip_bad_eval, are skipped), with the training transform when
@@ -244,7 +255,9 @@ class VideoDataModule(pl.LightningDataModule):
             entries,
             self.data_dir,
             self.num_frames,
-            VideoTransform(self.input_size, train=train or train_transform, augment=self.augment),
+            VideoTransform(
+                self.input_size, train=train or train_transform, augment=self.augment, crops=views[1]
+            ),
             train=train or train_transform,
             backend=self.backend,
             frame_template=self.frame_template,
@@ -257,6 +270,7 @@ class VideoDataModule(pl.LightningDataModule):
             manifest=self.video_infos,
             manifest_root=None if self.manifest_path() is None else self.manifest_path().parent,
             decode_device=self.decode_device,
+            num_clips=views[0],
         )
 
     # ------------------------------------------------------------------ loaders
@@ -272,7 +286,12 @@ class VideoDataModule(pl.LightningDataModule):
             num_workers=self.workers,
             pin_memory=self.pin_memory and torch.cuda.is_available() and self.decode_device == "cpu",
             persistent_workers=self.persistent_workers and self.workers > 0,
-            collate_fn=ClipCollate(self.num_frames, self.input_size, dataset.max_labels),
+            collate_fn=ClipCollate(
+                self.num_frames,
+                self.input_size,
+                dataset.max_labels,
+                dataset.num_clips * dataset.transform.crops,
+            ),
             drop_last=drop_last,
         )
 
@@ -302,23 +321,31 @@ class VideoDataModule(pl.LightningDataModule):
         return self._loader(self.val_dataset, self._eval_sampler(self.val_dataset))
 
     def test_dataloader(self) -> DataLoader:
-        """The val split (``eval_limit``: a seeded random subset), eval transform: what evaluate.py scores."""
-        return self.eval_dataloader("val", self.eval_limit, self.seed)
+        """The val split (``eval_limit``: a seeded random subset), eval transform, ``test_clips`` x
+        ``test_crops`` views per video: what evaluate.py scores."""
+        return self.eval_dataloader(
+            "val", self.eval_limit, self.seed, views=(self.test_clips, self.test_crops)
+        )
 
     def predict_dataloader(self) -> DataLoader:
         """``predict_split`` (``eval_limit``: a seeded random subset) with ``predict_transform``: what the
         prediction files hold (early exit calibrates on train videos with the training transform)."""
-        return self.eval_dataloader(
-            self.predict_split, self.eval_limit, self.seed, train_transform=self.predict_transform == "train"
-        )
+        train_transform = self.predict_transform == "train"
+        views = (1, 1) if train_transform else (self.test_clips, self.test_crops)
+        return self.eval_dataloader(self.predict_split, self.eval_limit, self.seed, train_transform, views)
 
     def eval_dataloader(
-        self, split: str = "val", limit: int | None = None, seed: int = 0, train_transform: bool = False
+        self,
+        split: str = "val",
+        limit: int | None = None,
+        seed: int = 0,
+        train_transform: bool = False,
+        views: tuple[int, int] = (1, 1),
     ) -> DataLoader:
         """Loader over ``split`` ("val" / "train") in list order, every video once (under DDP too);
         ``limit``: a seeded random subset of that many videos (kept in list order); ``train_transform``:
-        random TSN frames and the training augmentation instead of the deterministic eval ones. Works with
-        or without a prior setup()."""
+        random TSN frames and the training augmentation instead of the deterministic eval ones; ``views``:
+        (clips, crops) per video for multi-view testing. Works with or without a prior setup()."""
         if self.per_device_batch_size is None:
             self.setup("validate")
         if not self.class_names:
@@ -329,7 +356,7 @@ class VideoDataModule(pl.LightningDataModule):
             generator = torch.Generator().manual_seed(int(seed))
             keep = sorted(torch.randperm(len(entries), generator=generator)[: int(limit)].tolist())
             entries = [entries[i] for i in keep]
-        dataset = self._dataset(entries, train=False, train_transform=train_transform)
+        dataset = self._dataset(entries, train=False, train_transform=train_transform, views=views)
         self._eval_datasets[split] = dataset
         return self._loader(dataset, self._eval_sampler(dataset))
 

@@ -26,7 +26,8 @@ class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames from the videos of one split.
 
     Item: ``{"video": uint8 [T, 3, S, S], "label": long [], "labels": long [L] (-1 padded),
-    "index": int, "path": str}`` (``index``/``path`` of the video actually loaded).
+    "index": int, "path": str}`` (``index``/``path`` of the video actually loaded); multi-view testing
+    (``num_clips`` > 1 or a transform with 3 crops): ``video`` uint8 ``[V, T, 3, S, S]``, V = clips x crops.
 
     ``train=True``: random TSN sampling and a random label among the video's labels at each load;
     ``train=False``: segment centres and the first label. Frames come in the coarse-to-fine processing order.
@@ -62,6 +63,7 @@ class VideoClipDataset(Dataset):
         manifest: dict[str, VideoInfo] | None = None,
         manifest_root: str | Path | None = None,
         decode_device: str = "cpu",
+        num_clips: int = 1,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"dataset backend must be one of {BACKENDS}, got {backend!r}")
@@ -86,6 +88,11 @@ class VideoClipDataset(Dataset):
         self.sampling, self.decoder, self.decode_device = sampling, decoder, decode_device
         self.manifest = manifest
         self.manifest_root = None if manifest_root is None else Path(manifest_root)
+        if num_clips < 1 or (num_clips > 1 and (train or sampling != "exact")):
+            raise ValueError(
+                f"num_clips={num_clips}: >= 1, and several clips only for evaluation with exact sampling"
+            )
+        self.num_clips = int(num_clips)
         self.failed = torch.zeros(len(self.entries), dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
@@ -105,14 +112,20 @@ class VideoClipDataset(Dataset):
         return str(self.data_dir / sub / self.entries[index].path)
 
     def load_frames(self, index: int) -> torch.Tensor:
-        """The sampled frames of entry ``index`` in processing order: uint8 ``[T, 3, H, W]``."""
+        """The sampled frames of entry ``index`` in processing order: uint8 ``[T, 3, H, W]`` (``[clips * T,
+        3, H, W]``, clip after clip, with several clips: decoded in one call)."""
 
         keyframe = self.sampling == "keyframe"
 
         def pick(n: int, keyframes: Sequence[int] | None = None) -> list[int]:
-            return sample_clip_indices(
-                n, self.num_frames, self.train, keyframes=keyframes if keyframe else None
-            )
+            return [
+                i
+                for c in range(self.num_clips)
+                for i in sample_clip_indices(
+                    n, self.num_frames, self.train, keyframes=keyframes if keyframe else None, clip=c,
+                    num_clips=self.num_clips,
+                )
+            ]  # fmt: skip
 
         src = self.source(index)
         if self.backend == "frames":  # every JPEG is a keyframe: exact sampling
@@ -125,7 +138,12 @@ class VideoClipDataset(Dataset):
 
     def _item(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        video = self.transform(self.load_frames(index))
+        frames = self.load_frames(index)  # (clips * T, 3, H, W)
+        if self.num_clips == 1:
+            video = self.transform(frames)  # (T, 3, S, S), or (crops, T, 3, S, S)
+        else:  # multi-view testing: (clips * crops, T, 3, S, S), clip-major
+            views = [self.transform(clip) for clip in frames.split(self.num_frames)]
+            video = torch.cat([v if v.dim() == 5 else v[None] for v in views])
         labels = entry.labels
         label = labels[int(torch.randint(len(labels), ()))] if self.train and len(labels) > 1 else labels[0]
         padded = torch.full((self.max_labels,), -1, dtype=torch.long)
@@ -178,8 +196,13 @@ class ClipCollate:
     An all-skipped batch becomes an empty batch with the usual keys (``video`` uint8 ``[0, T, 3, S, S]``).
     """
 
-    def __init__(self, num_frames: int, input_size: int, max_labels: int) -> None:
-        self.num_frames, self.input_size, self.max_labels = num_frames, input_size, max_labels
+    def __init__(self, num_frames: int, input_size: int, max_labels: int, views: int = 1) -> None:
+        self.num_frames, self.input_size, self.max_labels, self.views = (
+            num_frames,
+            input_size,
+            max_labels,
+            views,
+        )
 
     def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [item for item in items if item is not None]
@@ -187,7 +210,9 @@ class ClipCollate:
             return default_collate(kept)
         t, s = self.num_frames, self.input_size
         return {
-            "video": torch.zeros(0, t, 3, s, s, dtype=torch.uint8),
+            "video": torch.zeros(
+                0, *((self.views,) if self.views > 1 else ()), t, 3, s, s, dtype=torch.uint8
+            ),
             "label": torch.zeros(0, dtype=torch.long),
             "labels": torch.zeros(0, self.max_labels, dtype=torch.long),
             "index": torch.zeros(0, dtype=torch.long),

@@ -35,15 +35,20 @@ def train_indices(
     return _short_video(n, t)
 
 
-def eval_indices(num_video_frames: int, num_segments: int) -> list[int]:
-    """Segment centres (SPEC §3, eval): ``int(tick/2 + tick*t)`` with ``tick = N/T``; N <= T as for train."""
+def eval_indices(num_video_frames: int, num_segments: int, clip: int = 0, num_clips: int = 1) -> list[int]:
+    """Segment centres (SPEC §3, eval): ``int(tick/2 + tick*t)`` with ``tick = N/T``; N <= T as for train.
+
+    Multi-clip testing (``num_clips`` > 1, MMAction2's ``num_clips``): clip ``c`` takes the frame at
+    ``tick * (c + 0.5) / num_clips`` inside each segment, so the clips spread evenly over every segment."""
     n, t = int(num_video_frames), int(num_segments)
     if n <= 0:
         raise ValueError(f"cannot sample from a video with {n} frames")
     if n <= t:
         return list(range(t)) if n == t else _short_video(n, t)
     tick = n / t
-    return [int(tick / 2.0 + tick * i) for i in range(t)]
+    if num_clips == 1:
+        return [int(tick / 2.0 + tick * i) for i in range(t)]
+    return [int(tick * (clip + 0.5) / num_clips + tick * i) for i in range(t)]
 
 
 @functools.cache
@@ -133,8 +138,12 @@ def sample_clip_indices(
     train: bool,
     generator: torch.Generator | None = None,
     keyframes: Sequence[int] | None = None,
+    clip: int = 0,
+    num_clips: int = 1,
 ) -> list[int]:
     """Frame indices of one clip in processing order: ``sampled[processing_order(T)]``.
+
+    ``clip`` of ``num_clips`` (eval, exact sampling): multi-clip testing, see :func:`eval_indices`.
 
     ``keyframes`` (sorted 0-based indices): keyframe-aware sampling (:func:`keyframe_train_indices` /
     :func:`keyframe_eval_indices`); None: the exact TSN sampling of SPEC §3.
@@ -143,7 +152,7 @@ def sample_clip_indices(
         sampled = (
             train_indices(num_video_frames, num_segments, generator)
             if train
-            else eval_indices(num_video_frames, num_segments)
+            else eval_indices(num_video_frames, num_segments, clip, num_clips)
         )
     elif train:
         sampled = keyframe_train_indices(num_video_frames, num_segments, keyframes, generator)

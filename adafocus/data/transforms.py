@@ -86,14 +86,25 @@ class VideoTransform:
     """The clip transform preset: uint8 ``[T, 3, H, W]`` -> uint8 ``[T, 3, S, S]`` (see normalize_video).
 
     - ``train and augment``: MultiScaleFixedCrop -> Resize((S, S)) bilinear -> RandomHorizontalFlip(0.5).
-    - otherwise (eval): Resize(shorter side S*256//224) -> CenterCrop(S).
+    - otherwise (eval): Resize(shorter side S*256//224) -> CenterCrop(S); with ``crops=3`` (multi-view
+      testing, MMAction2's ThreeCrop) three S x S crops along the longer side (start, centre, end) ->
+      ``[3, T, 3, S, S]``.
     - ``augment=False`` (pixel-exact data, e.g. synthetic): the eval transform for train and eval, and no
       resampling at all when the frames are already S x S.
     The resize runs on uint8 frames and rounds to uint8, as it did before the normalisation moved out.
     """
 
-    def __init__(self, input_size: int = 224, train: bool = False, augment: bool = True) -> None:
-        self.input_size, self.train, self.augment = int(input_size), bool(train), bool(augment)
+    def __init__(
+        self, input_size: int = 224, train: bool = False, augment: bool = True, crops: int = 1
+    ) -> None:
+        if crops not in (1, 3) or (crops == 3 and train):
+            raise ValueError(f"crops={crops}: 1, or 3 for evaluation (three crops along the longer side)")
+        self.input_size, self.train, self.augment, self.crops = (
+            int(input_size),
+            bool(train),
+            bool(augment),
+            crops,
+        )
         size = self.input_size
         if self.train and self.augment:
             self.geometric = v2.Compose(
@@ -117,10 +128,23 @@ class VideoTransform:
                 f"VideoTransform expects uint8 [T, 3, H, W], got {video.dtype} {tuple(video.shape)}"
             )
         clip = tv_tensors.Video(video)
+        if self.crops == 3:
+            return self._three_crops(clip)
         exact = not self.augment and tuple(video.shape[-2:]) == (self.input_size, self.input_size)
         if not exact:
             clip = self.geometric(clip)
         return clip.as_subclass(torch.Tensor)
+
+    def _three_crops(self, clip: tv_tensors.Video) -> torch.Tensor:
+        size = self.input_size
+        resized = self.geometric.transforms[0](clip)  # the eval resize: shorter side S*256//224
+        h, w = resized.shape[-2:]
+        if h >= w:  # portrait: top, centre, bottom
+            boxes = [(top, (w - size) // 2) for top in (0, (h - size) // 2, h - size)]
+        else:  # landscape: left, centre, right
+            boxes = [((h - size) // 2, left) for left in (0, (w - size) // 2, w - size)]
+        crops = [v2.functional.crop(resized, top, left, size, size) for top, left in boxes]
+        return torch.stack([c.as_subclass(torch.Tensor) for c in crops])  # (3, T, 3, S, S)
 
     def __repr__(self) -> str:
         mode = "train" if self.train and self.augment else "eval"

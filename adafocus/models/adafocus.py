@@ -126,6 +126,11 @@ class AdaFocusV2(nn.Module):
                 f"AdaFocusV2 expects video [B, {', '.join(map(str, expected))}] "
                 f"(num_frames={self.num_frames}, input_size={self.input_size}), got {list(video.shape)}"
             )
+        if not video.is_floating_point():
+            raise ValueError(
+                f"AdaFocusV2 expects a float video normalised with the ImageNet mean/std, got {video.dtype} "
+                "(data loaders yield uint8: adafocus.data.transforms.normalize_video converts)"
+            )
         if values and not torch.isfinite(video).all():
             raise ValueError("AdaFocusV2 input contains NaN or Inf values")
 
