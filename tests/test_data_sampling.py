@@ -65,3 +65,11 @@ def test_decoded_clip_frames_and_order(sampling_dataset, n, t, train):
     assert got == [i % 15 for i in expected]
     if not train:
         assert expected == [sampled[k] for k in (ORDER_16 if t == 16 else ORDER_8)]
+
+
+def test_multi_clip_eval_spreads_clips_over_each_segment():
+    assert eval_indices(160, 16) == [5 + 10 * i for i in range(16)]  # one clip: the segment centres
+    assert eval_indices(160, 16, clip=0, num_clips=2) == [2 + 10 * i for i in range(16)]  # tick * 0.25
+    assert eval_indices(160, 16, clip=1, num_clips=2) == [7 + 10 * i for i in range(16)]  # tick * 0.75
+    thirds = [eval_indices(90, 3, clip=c, num_clips=3) for c in range(3)]
+    assert thirds == [[5, 35, 65], [15, 45, 75], [25, 55, 85]]  # tick 30: 30 * (c + 0.5) / 3 + 30 t

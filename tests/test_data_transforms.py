@@ -163,3 +163,17 @@ def test_decoder_resizes_inside_decord(tmp_path):
     for short, size in [(24, (24, 32)), (None, (96, 128)), (120, (120, 160))]:
         ds = VideoClipDataset(entries, tmp_path, 4, VideoTransform(16), train=False, decode_short_side=short)
         assert ds.load_frames(0).shape == (4, 3, *size)
+
+
+def test_three_crops_along_the_longer_side():
+    """ThreeCrop for multi-view testing: after the eval resize (shorter side S*256/224), three S x S crops at
+    the start, centre and end of the longer side; each crop's columns tell where it came from."""
+    size = 32  # eval resize: shorter side 36
+    columns = torch.arange(72, dtype=torch.uint8).view(1, 1, 1, 72).expand(2, 3, 36, 72).contiguous()
+    crops = VideoTransform(size, train=False, crops=3)(columns)  # an already 36 px high clip: no resize
+    assert crops.shape == (3, 2, 3, size, size)
+    assert [int(c[0, 0, 0, 0]) for c in crops] == [0, (72 - size) // 2, 72 - size]
+    portrait = VideoTransform(size, train=False, crops=3)(columns.transpose(-1, -2).contiguous())
+    assert [int(c[0, 0, 0, 0]) for c in portrait] == [0, (72 - size) // 2, 72 - size]
+    with pytest.raises(ValueError, match="crops=2"):
+        VideoTransform(size, train=False, crops=2)

@@ -344,3 +344,30 @@ def test_train_on_your_own_videos_from_a_published_checkpoint(trained, tmp_path)
     assert metrics["num_videos"] == 3 and 0 <= metrics["top1"] <= 100  # one val video per class
     run("early_exit.py", f"ckpt_path={best}", "budgets=[1.0]", f"hydra.run.dir={tmp_path / 'ee'}")
     assert (tmp_path / "ee" / "early_exit.csv").is_file() and (tmp_path / "ee" / "thresholds.json").is_file()
+
+
+@pytest.mark.slow
+def test_multi_view_testing_averages_views_and_multiplies_gflops(trained, tmp_path):
+    from adafocus.predictions import load_predictions
+
+    best = trained[0]["best_checkpoint"]
+    out = {}
+    for name, views in {
+        "single": [],
+        "clips": ["test_clips=3"],
+        "both": ["test_clips=2", "test_crops=3"],
+    }.items():
+        run("evaluate.py", f"ckpt_path={best}", *views, f"predictions_out={tmp_path / name}.pt",
+            f"hydra.run.dir={tmp_path / name}")  # fmt: skip
+        out[name] = (
+            json.loads((tmp_path / name / "metrics.json").read_text()),
+            load_predictions(tmp_path / f"{name}.pt"),
+        )
+    single, clips, both = (out[k][0] for k in ("single", "clips", "both"))
+    assert (clips["views"], both["views"]) == (3, 6)
+    assert clips["gflops"] == pytest.approx(3 * single["gflops"]) and both["gflops"] == pytest.approx(
+        6 * single["gflops"]
+    )
+    assert out["clips"][1]["gflops_per_video"] == pytest.approx(clips["gflops"])
+    assert not torch.allclose(out["single"][1]["logits"], out["clips"][1]["logits"])  # other frames were read
+    assert not torch.allclose(out["clips"][1]["logits"], out["both"][1]["logits"])

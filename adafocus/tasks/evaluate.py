@@ -22,15 +22,23 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Evaluate ``cfg.ckpt_path`` (see :func:`~adafocus.tasks.checkpoint.load_module` for what comes from the
     checkpoint and what from ``cfg``); prints the metrics and writes ``metrics.json`` (``top1``, ``top5``,
     ``map`` for multi-label data, ``gflops``, ``num_videos``, ``policy``) in ``cfg.output_dir``.
-    ``predictions_out=FILE``: also every video's per-step logits; ``visualize=K``: pictures of K videos.
+    ``predictions_out=FILE``: also every video's per-step logits; ``visualize=K``: pictures of K videos;
+    ``test_clips`` x ``test_crops``: multi-view testing (logits averaged, GFLOPs multiplied).
     ``overrides``: the command line's (default: Hydra's)."""
     module, run_cfg = load_module(cfg, overrides)
     check_config(run_cfg, "eval")
     pl.seed_everything(int(run_cfg.seed), verbose=False)  # the random policy's draws are reproducible
-    datamodule = build_datamodule(run_cfg, eval_limit=cfg.get("limit"))
+    views = int(cfg.get("test_clips", 1)) * int(cfg.get("test_crops", 1))
+    datamodule = build_datamodule(
+        run_cfg,
+        eval_limit=cfg.get("limit"),
+        test_clips=cfg.get("test_clips", 1),
+        test_crops=cfg.get("test_crops", 1),
+    )
+    gflops = module.gflops_per_video * views  # every view is a whole forward
     callbacks: list = [RichProgressBar()]
     if cfg.get("predictions_out"):
-        meta = {"gflops_per_video": module.gflops_per_video, "metric": run_cfg.dataset.metric,
+        meta = {"gflops_per_video": gflops, "metric": run_cfg.dataset.metric,
                 "dataset": run_cfg.dataset.name, "config": plain_config(run_cfg)}  # fmt: skip
         callbacks.append(PredictionWriter(cfg.predictions_out, meta))
     trainer = build_trainer(run_cfg, logger=False, callbacks=callbacks)
@@ -38,7 +46,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     policy = "learned" if module.eval_policy is None else type(module.eval_policy).__name__
     results = {k.removeprefix("test/"): float(v) for k, v in metrics.items()}
     results["num_videos"] = int(results["num_videos"])
-    results.update(gflops=module.gflops_per_video, policy=policy)
+    results.update(gflops=gflops, policy=policy, views=views)
     skipped = datamodule.skipped_videos("val")
     if run_cfg.dataset.skip_bad_eval:
         results["skipped"] = len(skipped)
@@ -84,6 +92,8 @@ def _visualize(module, datamodule, want: int, output_dir: str) -> list[Path]:
             break
         batch = datamodule.on_after_batch_transfer(batch, 0)  # what the loops feed the model
         video = batch["video"][: want - done]
+        if video.dim() == 6:  # multi-view testing: the first view (the centre clip / first crop)
+            video = video[:, 0]
         out = model(video, module.eval_policy)
         for pair in save_focus_examples(
             video, out.actions, out.logits, batch["labels"][: len(video)], model.patch_size,
