@@ -256,6 +256,18 @@ def test_wandb_offline_without_credentials(data_root, tmp_path):
     assert val_rows(out)  # the CSV log is always written
 
 
+def test_evaluate_logs_metrics_and_the_class_report_to_wandb(trained, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), WANDB_DIR=str(tmp_path))
+    out = tmp_path / "eval"
+    run("evaluate.py", f"ckpt_path={trained[0]['best_checkpoint']}", "logger=wandb", f"hydra.run.dir={out}",
+        env=env)  # fmt: skip
+    tables = list(out.glob("wandb/offline-run-*/files/media/table/report/per_class_*.table.json"))
+    assert len(tables) == 1 and len(json.loads(tables[0].read_text())["data"]) == 4  # one row per class
+    assert (out / "confusion.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["num_videos"] == 9
+
+
 def test_multirun_jobs_get_their_own_directories(data_root, tmp_path):
     run("train.py", "-m", *TINY, f"data_root={data_root}", "patch=16,24", f"hydra.sweep.dir={tmp_path}")
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())

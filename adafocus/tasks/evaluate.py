@@ -9,13 +9,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
 from adafocus.fileio import atomic_write_text
 from adafocus.predictions import PredictionWriter
 from adafocus.tasks.checkpoint import build_datamodule, load_module
-from adafocus.tasks.common import build_trainer, check_config, plain_config
+from adafocus.tasks.common import build_trainer, check_config, finish_wandb, instantiate_loggers, plain_config
 
 
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -23,7 +24,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     checkpoint and what from ``cfg``); prints the metrics and writes ``metrics.json`` (``top1``, ``top5``,
     ``map`` for multi-label data, ``gflops``, ``num_videos``, ``policy``) in ``cfg.output_dir``.
     ``predictions_out=FILE``: also every video's per-step logits; ``visualize=K``: pictures of K videos;
-    ``test_clips`` x ``test_crops``: multi-view testing (logits averaged, GFLOPs multiplied).
+    ``test_clips`` x ``test_crops``: multi-view testing (logits averaged, GFLOPs multiplied). The metrics
+    also go to the configured loggers; W&B also gets the per-class report (:mod:`adafocus.report`).
     ``overrides``: the command line's (default: Hydra's)."""
     module, run_cfg = load_module(cfg, overrides)
     check_config(run_cfg, "eval")
@@ -36,12 +38,16 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         test_crops=cfg.get("test_crops", 1),
     )
     gflops = module.gflops_per_video * views  # every view is a whole forward
+    loggers = instantiate_loggers(run_cfg, hyperparams=plain_config(run_cfg))  # test/* go to them too
+    wandb = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
     callbacks: list = [RichProgressBar()]
-    if cfg.get("predictions_out"):
+    writer = None
+    if cfg.get("predictions_out") or wandb is not None:  # W&B also gets the per-class report
         meta = {"gflops_per_video": gflops, "metric": run_cfg.dataset.metric,
                 "dataset": run_cfg.dataset.name, "config": plain_config(run_cfg)}  # fmt: skip
-        callbacks.append(PredictionWriter(cfg.predictions_out, meta))
-    trainer = build_trainer(run_cfg, logger=False, callbacks=callbacks)
+        writer = PredictionWriter(cfg.get("predictions_out") or Path(cfg.output_dir) / "predictions.pt", meta)
+        callbacks.append(writer)
+    trainer = build_trainer(run_cfg, logger=loggers, callbacks=callbacks)
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     policy = "learned" if module.eval_policy is None else type(module.eval_policy).__name__
     results = {k.removeprefix("test/"): float(v) for k, v in metrics.items()}
@@ -51,7 +57,15 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     if run_cfg.dataset.skip_bad_eval:
         results["skipped"] = len(skipped)
     if not trainer.is_global_zero:
+        finish_wandb(loggers)
         return results
+    if wandb is not None:
+        from adafocus.report import class_report, log_class_report, save_confusion_png
+
+        report = class_report(writer.predictions, datamodule.class_names)
+        log_class_report(
+            wandb.experiment, report, save_confusion_png(report, Path(cfg.output_dir) / "confusion.png")
+        )
     if cfg.get("predictions_out"):
         results["predictions"] = str(cfg.predictions_out)
     if int(cfg.get("visualize") or 0) > 0:
@@ -73,6 +87,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         print(f"pictures: {out_dir / 'focus'} ({len(results['pictures'])} files)", flush=True)
     if skipped:
         print(f"{len(skipped)} videos could not be decoded and were skipped: {skipped[:10]}", flush=True)
+    finish_wandb(loggers)
     return results
 
 
