@@ -8,11 +8,13 @@ import hydra
 from omegaconf import DictConfig
 
 from adafocus.tasks import early_exit
+from adafocus.tasks.common import user_errors
 
 
 @hydra.main(config_path="conf", config_name="early_exit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    early_exit(cfg)
+    with user_errors():
+        early_exit(cfg)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ import hydra
 from omegaconf import DictConfig
 
 from adafocus.tasks import evaluate
+from adafocus.tasks.common import user_errors
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with user_errors():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

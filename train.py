@@ -4,11 +4,13 @@ import hydra
 from omegaconf import DictConfig
 
 from adafocus.tasks import train
+from adafocus.tasks.common import user_errors
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg).get(f"best_{cfg.dataset.metric}")  # the value a Hydra sweeper optimises
+    with user_errors():
+        return train(cfg).get(f"best_{cfg.dataset.metric}")  # the value a Hydra sweeper optimises
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from adafocus.data.transforms import normalize_video
 from adafocus.early_exit import confidences
 from adafocus.fileio import atomic_write_text
 from adafocus.tasks.checkpoint import load_module
+from adafocus.tasks.common import user_errors
 from adafocus.thresholds import BudgetThresholds, read_thresholds
 from adafocus.visualize import captioned, denormalize, focus_gif_frames, save_gif, save_mp4
 
@@ -194,7 +195,8 @@ def run_demo(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_demo(cfg)
+    with user_errors():
+        run_demo(cfg)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from adafocus.data import read_class_index
 from adafocus.fileio import atomic_path
 from adafocus.metrics import multi_hot
 from adafocus.predictions import load_predictions
+from adafocus.tasks.common import user_errors
 
 
 @dataclass
@@ -246,7 +247,8 @@ def run_report(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_report(cfg)
+    with user_errors():
+        run_report(cfg)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,20 @@ def test_class_index_variants(tmp_path, text):
     assert read_class_index(f, 3) == ["Applying sunscreen", "Archery", "Arm wrestling"]
     with pytest.raises(ListFileError, match="3 classes, but dataset.num_classes = 4"):
         read_class_index(f, 4)
+
+
+def test_encoding_errors_name_the_file_and_line_and_a_bom_is_not_part_of_the_path(tmp_path, caplog):
+    good = tmp_path / "bom.txt"
+    good.write_bytes("\ufeffa/v1,10,0\nb/v2,2,1\nc/v3,12,1\n".encode())  # a BOM, and a 2-frame video
+    with caplog.at_level("WARNING"):
+        entries = parse_list(good, "comma", num_classes=2)
+    assert [e.path for e in entries] == ["a/v1", "c/v3"]  # no BOM in the first path
+    assert "1 entries with fewer than 3 frames left out" in caplog.text and "2:b/v2" in caplog.text
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("a/v1,10,0\ncaf\xe9/v2,10,1\n".encode("latin-1"))
+    with pytest.raises(ListFileError, match=rf"{latin}:2: the list file is not UTF-8 text \(byte b'\\xe9'"):
+        parse_list(latin, "comma")
+    classes = tmp_path / "classes.txt"
+    classes.write_bytes(b"\xff\xfeo\x00k\x00\n")  # UTF-16
+    with pytest.raises(ListFileError, match=rf"{classes}:1: the class index is not UTF-8"):
+        read_class_index(classes)

@@ -383,3 +383,23 @@ def test_multi_view_testing_averages_views_and_multiplies_gflops(trained, tmp_pa
     assert out["clips"][1]["gflops_per_video"] == pytest.approx(clips["gflops"])
     assert not torch.allclose(out["single"][1]["logits"], out["clips"][1]["logits"])  # other frames were read
     assert not torch.allclose(out["clips"][1]["logits"], out["both"][1]["logits"])
+
+
+def test_user_errors_are_one_clear_message(tmp_path):
+    """A damaged checkpoint, a missing file, a bad value: the message names it, no traceback (status 1)."""
+    garbage, empty = tmp_path / "garbage.ckpt", tmp_path / "empty.ckpt"
+    garbage.write_bytes(os.urandom(4096))
+    empty.write_bytes(b"")
+    for args, expected in [
+        ([f"ckpt_path={garbage}"], f"ckpt_path={garbage} cannot be read as a checkpoint"),
+        ([f"ckpt_path={empty}"], f"ckpt_path={empty} cannot be read as a checkpoint"),
+        ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], f"ckpt_path={tmp_path / 'missing.ckpt'}: no such file"),
+    ]:
+        result = subprocess.run([sys.executable, "evaluate.py", *args, f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 1 and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "train.py", "epochs=0", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1 and "ValueError: epochs=0" in result.stderr
+    assert "Traceback" not in result.stderr

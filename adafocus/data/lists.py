@@ -10,9 +10,12 @@ which must then run consecutively); the line order gives the label.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 LIST_FORMATS = ("comma", "space")
 MIN_LIST_FRAMES = 3  # the original drops entries with fewer frames (SPEC §3)
@@ -20,6 +23,22 @@ MIN_LIST_FRAMES = 3  # the original drops entries with fewer frames (SPEC §3)
 
 class ListFileError(ValueError):
     """A malformed list / class-index file; the message names the file and the line."""
+
+
+def read_lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file (a UTF-8 byte-order mark is dropped, not read as part of
+    the first path); a line that is not UTF-8 is a :class:`ListFileError` naming the file, line and byte."""
+    lines = []
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ListFileError(
+                f"{path}:{lineno}: the {what} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at "
+                f"column {e.start + 1}); save it as UTF-8"
+            ) from None
+        lines.append((lineno, text))
+    return lines
 
 
 @dataclass(frozen=True)
@@ -78,28 +97,33 @@ def parse_list(
     if list_format not in LIST_FORMATS:
         raise ValueError(f"dataset.list_format must be one of {LIST_FORMATS}, got {list_format!r}")
     entries: list[VideoEntry] = []
-    with open(list_file, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            text = raw.rstrip("\r\n")
-            if not text.strip():
-                continue
-            try:
-                path, count, labels = parse_line(text, list_format)
-            except ValueError as e:
+    short: list[str] = []
+    for lineno, text in read_lines(list_file, "list file"):
+        if not text.strip():
+            continue
+        try:
+            path, count, labels = parse_line(text, list_format)
+        except ValueError as e:
+            raise ListFileError(
+                f"{list_file}:{lineno}: malformed {list_format} list line {text!r}: {e}"
+            ) from None
+        if num_classes is not None:
+            bad = [label for label in labels if not 0 <= label < num_classes]
+            if bad:
                 raise ListFileError(
-                    f"{list_file}:{lineno}: malformed {list_format} list line {text!r}: {e}"
-                ) from None
-            if num_classes is not None:
-                bad = [label for label in labels if not 0 <= label < num_classes]
-                if bad:
-                    raise ListFileError(
-                        f"{list_file}:{lineno}: label(s) {bad} outside [0, {num_classes}) in line {text!r}"
-                    )
-            if count < min_frames:
-                continue
-            entries.append(VideoEntry(path, count, labels, lineno))
+                    f"{list_file}:{lineno}: label(s) {bad} outside [0, {num_classes}) in line {text!r}"
+                )
+        if count < min_frames:
+            short.append(f"{lineno}:{path}")
+            continue
+        entries.append(VideoEntry(path, count, labels, lineno))
     if not entries:
         raise ListFileError(f"{list_file}: no usable video entries (empty, or all below {min_frames} frames)")
+    if short:
+        log.warning(
+            "%s: %d entries with fewer than %d frames left out, as the original does (line:path): %s%s",
+            list_file, len(short), min_frames, ", ".join(short[:10]), " ..." if len(short) > 10 else "",
+        )  # fmt: skip
     return entries
 
 
@@ -113,7 +137,7 @@ def read_class_index(class_file: str | Path, num_classes: int | None = None) -> 
     ``num_classes`` or the file is empty.
     """
     class_file = _require_file(Path(class_file), "class index file")
-    lines = [(i, t.strip()) for i, t in enumerate(class_file.read_text(encoding="utf-8").splitlines(), 1)]
+    lines = [(i, t.strip()) for i, t in read_lines(class_file, "class index")]
     lines = [(i, t) for i, t in lines if t]
     if not lines:
         raise ListFileError(f"{class_file}: empty class index")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from netrc import netrc
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
@@ -16,6 +20,30 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ errors a user can fix
+USER_ERRORS = (ValueError, FileNotFoundError, InstantiationException)  # config, files, lists, checkpoints
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Around a task in an entry point: an error a user can fix (a bad value, a missing or malformed file)
+    prints one line naming what is wrong and exits with status 1, instead of a 40-line traceback; with
+    HYDRA_FULL_ERROR=1 the traceback is kept, as Hydra does for its own errors."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        while isinstance(err, InstantiationException) and err.__cause__ is not None:
+            err = err.__cause__  # the constructor's own message, not Hydra's wrapper
+        print(
+            f"{type(err).__name__}: {err}\n(HYDRA_FULL_ERROR=1 for the traceback)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------ the composed config

@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 
 from adafocus.predictions import PredictionWriter
 from adafocus.tasks.checkpoint import build_datamodule, load_module
-from adafocus.tasks.common import build_trainer, check_config, plain_config
+from adafocus.tasks.common import build_trainer, check_config, plain_config, user_errors
 
 
 def predict(
@@ -40,7 +40,8 @@ def predict(
 
 @hydra.main(config_path="../../conf", config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    predict(cfg, cfg.split, cfg.limit, cfg.transform, cfg.out)
+    with user_errors():
+        predict(cfg, cfg.split, cfg.limit, cfg.transform, cfg.out)
 
 
 if __name__ == "__main__":
