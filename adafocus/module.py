@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,10 @@ class AdaFocusModule(pl.LightningModule):
         values = self.val_metrics.compute()  # synchronised over processes by torchmetrics
         self.val_metrics.reset()
         self.log_dict({f"val/{k}": v for k, v in values.items()})
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "skipped_videos"):  # val videos that failed to decode, skipped and counted
+            skipped = float(len(datamodule.skipped_videos("val")))
+            self.log("val/skipped", skipped, reduce_fx="sum", sync_dist=self.trainer.world_size > 1)
 
     def eval_logits(self, video: torch.Tensor) -> torch.Tensor:
         """Per-step logits ``[B, T, C]`` at the evaluation policy; ``video`` ``[B, T, 3, S, S]``, or
@@ -147,7 +153,11 @@ class AdaFocusModule(pl.LightningModule):
         optimizer = instantiate(self.optim_cfg.optimizer)(groups, lr=self.lr)
         schedule = self.optim_cfg.get("schedule", "cosine")
         if schedule == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs, eta_min=0.0)
+            # the closed form of the run's own `epochs` (read at every step, not stored in the checkpoint): a
+            # run resumed with more epochs follows the new schedule from its current epoch
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda epoch: 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+            )
         elif schedule == "step":
             milestones = list(self.optim_cfg.get("milestones") or [])
             if not milestones or any(not isinstance(m, int) or m < 1 for m in milestones):
@@ -167,6 +177,17 @@ class AdaFocusModule(pl.LightningModule):
         if self._gflops is None:
             self._gflops = self.model.gflops()
         return self._gflops
+
+    def on_train_start(self) -> None:
+        """A resumed run restores the optimiser's learning rates as the checkpoint's run set them; the cosine
+        is re-read for the current epoch so that a new ``epochs`` applies from this epoch on."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(
+                    scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+                ):
+                    group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_fit_start(self) -> None:
         for logger in self.loggers:  # once per run, step 0 (the loggers exist on rank 0 only)

@@ -13,7 +13,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from adafocus.data.dataset import BACKENDS, ClipCollate, VideoClipDataset
-from adafocus.data.io import require_decoder
+from adafocus.data.io import VideoReadError, require_decoder
 from adafocus.data.lists import LIST_FORMATS, ListFileError, VideoEntry, parse_list, read_class_index
 from adafocus.data.manifest import ManifestError, VideoInfo, check_file, read_manifest
 from adafocus.data.sampling import SAMPLINGS
@@ -207,8 +207,29 @@ class VideoDataModule(pl.LightningDataModule):
         for split in splits:
             self.check_manifest(split)
         if "train" in splits:
+            self.check_files(["train", "val"])  # a missing video stops here, not hours into an epoch
             self.train_dataset = self._dataset(self.entries("train"), train=True)
-        self.val_dataset = self._dataset(self.entries("val"), train=False)
+        # validation during training skips (and counts, see skipped_videos) a video that fails to decode:
+        # one bad file must not end a run; evaluate.py's test loader is strict unless skip_bad_eval
+        self.val_dataset = self._dataset(
+            self.entries("val"), train=False, on_error="skip" if "train" in splits else None
+        )
+
+    def check_files(self, splits: list[str]) -> None:
+        """Every listed video (or frame folder) exists: FileNotFoundError naming the missing ones (list file,
+        line, path); no decoding."""
+        missing = []
+        for split in splits:
+            dataset = self._dataset(self.entries(split), train=False)
+            for i, entry in enumerate(dataset.entries):
+                try:
+                    if not dataset.source(i).exists():
+                        raise VideoReadError(dataset.display_path(i))
+                except VideoReadError:
+                    missing.append(f"{self._list_path(split)}:{entry.line}: {dataset.display_path(i)}")
+        if missing:
+            shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+            raise FileNotFoundError(f"{len(missing)} listed videos are missing:\n  {shown}")
 
     def manifest_path(self) -> Path | None:
         """The manifest file when ``manifest`` is set and the file exists (backend "video")."""
@@ -243,14 +264,13 @@ class VideoDataModule(pl.LightningDataModule):
         train: bool,
         train_transform: bool = False,
         views: tuple[int, int] = (1, 1),
+        on_error: str | None = None,
     ) -> VideoClipDataset:
         """``train``: the training set (random frames and crops; bad videos substituted); else an evaluation
         set (bad videos raise or, with skip_bad_eval, are skipped), with the training transform when
         ``train_transform``."""
-        if train:
-            on_error = "substitute"
-        else:
-            on_error = "skip" if self.skip_bad_eval else "raise"
+        if on_error is None:
+            on_error = "substitute" if train else "skip" if self.skip_bad_eval else "raise"
         return VideoClipDataset(
             entries,
             self.data_dir,

@@ -19,11 +19,15 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from adafocus.data.datamodule import BadVideosError
+
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ errors a user can fix
-USER_ERRORS = (ValueError, FileNotFoundError, InstantiationException)  # config, files, lists, checkpoints
+USER_ERRORS = (
+    ValueError, FileNotFoundError, FileExistsError, PermissionError, InstantiationException, BadVideosError
+)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -61,7 +65,9 @@ def cli_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def check_config(cfg: DictConfig, stage: str = "train", train_list: bool | None = None) -> None:
+def check_config(
+    cfg: DictConfig, stage: str = "train", train_list: bool | None = None, ckpt_path: str | None = None
+) -> None:
     """Catch bad configuration before any work: clear errors, and warnings where the original only warned.
 
     ``stage``: "train" (train.py) or "eval" (evaluate / predict / early exit: no training list needed, no
@@ -73,8 +79,9 @@ def check_config(cfg: DictConfig, stage: str = "train", train_list: bool | None 
     missing_ratios = {"policy", "glance", "focus", "classifier"} - set(cfg.optim.lr_ratios)
     if missing_ratios:
         raise ValueError(f"optim.lr_ratios lacks {sorted(missing_ratios)} (one ratio per parameter group)")
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such file")
+    ckpt_path = ckpt_path or cfg.get("ckpt_path")  # ckpt_path=last: the train task names the file
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
     if cfg.get("init_from") and stage == "train":
         if cfg.get("ckpt_path"):
             raise ValueError(
@@ -144,6 +151,54 @@ def check_world(cfg: DictConfig, trainer: pl.Trainer) -> None:
         )
 
 
+# ------------------------------------------------------------------ the run directory
+@contextlib.contextmanager
+def run_dir_lock(output_dir: str | Path) -> Iterator[None]:
+    """Hold ``output_dir/.adafocus.lock`` (an OS lock: released when the process ends, even by kill -9) for a
+    training run, so that a second run started in the same directory stops at once naming the first; then
+    remove the temporaries a killed checkpoint save left in ``checkpoints/``. Global rank 0 only."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    import fcntl
+    import socket
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".adafocus.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise FileExistsError(
+                f"{out} is in use by another run ({lock.read().strip() or 'unknown process'}): give this run "
+                "its own hydra.run.dir, or wait for that one to end"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        for stale in (out / "checkpoints").glob(".*.tmp"):  # atomic_path's names; nobody else writes here now
+            log.warning("removing %s, a checkpoint save that never finished", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """A results directory that cannot be written fails now (PermissionError), not after the work."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output_dir={out} cannot be written ({err}): results would be lost") from None
+
+
 # ------------------------------------------------------------------ resolvers used by conf/logger/wandb.yaml
 def _wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -194,12 +249,26 @@ for _name, _fn in (
 
 
 # ------------------------------------------------------------------ loggers, callbacks, trainer
-def instantiate_loggers(cfg: DictConfig, hyperparams: dict | None = None) -> list[Logger]:
+def instantiate_loggers(
+    cfg: DictConfig, hyperparams: dict | None = None, resume: bool = False
+) -> list[Logger]:
     """Every logger of ``cfg.logger`` (a dict of ``_target_`` nodes), plus a CSV log in the run directory
-    when none is configured. ``hyperparams``: logged once to each."""
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node is not None]
+    when none is configured. ``hyperparams``: logged once to each. ``resume``: the run continues in its own
+    directory — the CSV log keeps its rows, a W&B logger continues the directory's last run (same id)."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        wandb_id = (
+            _last_wandb_id(node.get("save_dir")) if resume and "wandb" in str(node._target_).lower() else None
+        )
+        loggers.append(instantiate(node, id=wandb_id, resume="allow") if wandb_id else instantiate(node))
     if not any(isinstance(lg, CSVLogger) for lg in loggers):
         loggers.append(CSVLogger(cfg.output_dir, name="csv", version=""))
+    if resume:
+        for lg in loggers:
+            if isinstance(lg, CSVLogger):
+                _keep_csv_rows(lg)
     for lg in loggers:
         if isinstance(lg, WandbLogger) and lg._offline and rank_zero_only.rank == 0:
             why = (
@@ -212,6 +281,23 @@ def instantiate_loggers(cfg: DictConfig, hyperparams: dict | None = None) -> lis
         if hyperparams is not None:
             lg.log_hyperparams(hyperparams)
     return loggers
+
+
+def _last_wandb_id(save_dir: str | None) -> str | None:
+    """The id of the last W&B run in ``save_dir`` (wandb's ``latest-run`` link: ``run-DATE_TIME-ID``)."""
+    latest = Path(save_dir or ".") / "wandb" / "latest-run"
+    return latest.resolve().name.rsplit("-", 1)[-1] if latest.exists() else None
+
+
+def _keep_csv_rows(logger: CSVLogger) -> None:
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run keeps its rows."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if rank_zero_only.rank != 0 or not path.is_file():
+        return
+    rows = path.read_text()
+    writer = logger.experiment  # deletes the file
+    path.write_text(rows)
+    writer.metrics_keys = rows.splitlines()[0].split(",") if rows.strip() else []
 
 
 def instantiate_callbacks(cfg: DictConfig) -> list[Callback]:

@@ -16,7 +16,14 @@ from rich.table import Table
 from adafocus.fileio import atomic_write_text
 from adafocus.predictions import PredictionWriter
 from adafocus.tasks.checkpoint import build_datamodule, load_module
-from adafocus.tasks.common import build_trainer, check_config, finish_wandb, instantiate_loggers, plain_config
+from adafocus.tasks.common import (
+    build_trainer,
+    check_config,
+    check_writable,
+    finish_wandb,
+    instantiate_loggers,
+    plain_config,
+)
 
 
 def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
@@ -27,6 +34,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     ``test_clips`` x ``test_crops``: multi-view testing (logits averaged, GFLOPs multiplied). The metrics
     also go to the configured loggers; W&B also gets the per-class report (:mod:`adafocus.report`).
     ``overrides``: the command line's (default: Hydra's)."""
+    check_writable(cfg.output_dir)  # metrics.json must have a place before the work starts
     module, run_cfg = load_module(cfg, overrides)
     check_config(run_cfg, "eval")
     pl.seed_everything(int(run_cfg.seed), verbose=False)  # the random policy's draws are reproducible
@@ -79,8 +87,13 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         table.add_column(key, justify="right")
     table.add_row(*(f"{results[k]:.4g}" if k == "gflops" else _fmt(results[k]) for k in shown))
     Console().print(table)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2))
-    print(f"metrics: {out_dir / 'metrics.json'}", flush=True)  # plain lines: paths are never cut
+    try:
+        atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2))
+        print(f"metrics: {out_dir / 'metrics.json'}", flush=True)  # plain lines: paths are never cut
+    except OSError as err:  # a full disk: the metrics are printed above and returned
+        print(
+            f"metrics could not be written to {out_dir / 'metrics.json'} ({err}); they are above", flush=True
+        )
     if "predictions" in results:
         print(f"predictions: {results['predictions']}", flush=True)
     if "pictures" in results:

@@ -1,0 +1,126 @@
+"""Runs that survive (issue 12): resume never changes the model or loses the run's history, two runs do not
+share a directory, left-over temporaries go, missing or broken videos are named or skipped, results that
+cannot be written are said before the work."""
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from videos import make_video_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "dataset.generate.num_train=12", "dataset.generate.num_val=9", "dataset.generate.frames_per_video=6",
+    "dataset.generate.size=64", "dataset.input_size=64", "backbone.glance_size=8", "num_frames=2",
+    "patch=16", "batch_size=4", "workers=0", "backbone.stn_hidden_dim=32", "backbone.classifier_dim=64",
+]  # fmt: skip
+
+
+def cli(script: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert (result.returncode == 0) == ok, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def rows(run_dir: Path, key: str) -> list[dict]:
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return [r for r in csv.DictReader(f) if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.mark.slow
+def test_resume_in_place_keeps_history_and_follows_new_epochs(data_root, tmp_path):
+    run = tmp_path / "run"
+    cli(
+        "train.py",
+        *TINY,
+        f"data_root={data_root}",
+        "epochs=2",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={run}",
+    )
+    first = rows(run, "val/top1")
+    assert [int(r["epoch"]) for r in first] == [0]
+    # the model must stay the checkpoint's
+    bad = cli("train.py", *TINY, f"data_root={data_root}", "patch=24", "epochs=3", "ckpt_path=last",
+              f"hydra.run.dir={run}", ok=False)  # fmt: skip
+    assert "model.patch_size: checkpoint 16, now 24" in bad.stderr and "Traceback" not in bad.stderr
+    resumed = cli(
+        "train.py", *TINY, f"data_root={data_root}", "epochs=3", "ckpt_path=last", f"hydra.run.dir={run}"
+    )
+    assert "resuming after epoch 1 of 2: the learning-rate schedule now runs over epochs=3" in resumed.stdout
+    val = rows(run, "val/top1")
+    assert [int(r["epoch"]) for r in val] == [0, 1, 2] and val[0] == first[0]  # nothing earlier lost
+    best = max(float(r["val/top1"]) for r in val)
+    assert re.search(rf"best val/top1 +{best:.2f}\n", resumed.stdout)  # best tracking over the whole run
+    lrs = [float(r["lr-AdamW/focus"]) for r in rows(run, "lr-AdamW/focus")]  # one per epoch, in order
+    assert len(lrs) == 3 and lrs[0] == pytest.approx(1e-3)
+    assert lrs[1] == pytest.approx(0.5 * 1e-3 * (1 + math.cos(math.pi * 1 / 3)))  # epoch 1 of 3, not of 2
+    assert lrs[2] == pytest.approx(0.5 * 1e-3 * (1 + math.cos(math.pi * 2 / 3)))
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_directory_stops_and_stale_temporaries_go(data_root, tmp_path):
+    run = tmp_path / "run"
+    stale = run / "checkpoints" / ".last.ckpt.abc123.tmp"  # what a kill -9 during a save leaves
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a checkpoint")
+    first = subprocess.Popen(
+        [sys.executable, "train.py", *TINY, f"data_root={data_root}", "epochs=3", f"hydra.run.dir={run}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lock = run / ".adafocus.lock"
+        for _ in range(600):  # the first run holds the lock once it starts
+            if lock.is_file() and f"pid {first.pid}" in lock.read_text():
+                break
+            time.sleep(0.1)
+        assert not stale.exists()
+        second = cli("train.py", *TINY, f"data_root={data_root}", f"hydra.run.dir={run}", ok=False)
+        assert f"is in use by another run (pid {first.pid} on" in second.stderr
+    finally:
+        first.kill()  # kill -9: the OS drops the lock with the process
+        first.wait()
+    cli("train.py", *TINY, f"data_root={data_root}", "epochs=1", f"hydra.run.dir={run}")  # free again
+
+
+@pytest.mark.slow
+def test_missing_videos_are_named_before_training_and_a_broken_val_video_is_skipped(tmp_path):
+    videos = [(f"c{k % 2}/v{k}", 6, [k % 2]) for k in range(8)]
+    data = make_video_dataset(tmp_path / "data", videos, num_classes=2, val_videos=videos[:3])
+    own = ["dataset=custom", "dataset.num_classes=2", f"data_dir={data}", "dataset.input_size=64",
+           "dataset.decode_short_side=null", "backbone=cpu", "backbone.glance_size=8", "patch=16",
+           "num_frames=2", "batch_size=4", "workers=0", "backbone.stn_hidden_dim=32",
+           "backbone.classifier_dim=64", "epochs=1", "dataset.max_bad_fraction=0.5"]  # fmt: skip
+    (data / "videos" / "c1" / "v5.mp4").rename(tmp_path / "away.mp4")
+    missing = cli("train.py", *own, f"hydra.run.dir={tmp_path / 'a'}", ok=False)
+    assert "1 listed videos are missing" in missing.stderr and "train_split.txt:6:" in missing.stderr
+    assert "c1/v5" in missing.stderr and not (tmp_path / "a" / "checkpoints").exists()  # before any epoch
+    (tmp_path / "away.mp4").rename(data / "videos" / "c1" / "v5.mp4")
+    (data / "videos" / "c0" / "v2.mp4").write_bytes(os.urandom(2048))  # a val video (also in train)
+    done = cli("train.py", *own, f"hydra.run.dir={tmp_path / 'b'}")
+    assert "skipped in val" in done.stdout and "bad videos" in done.stdout
+    assert [float(r["val/skipped"]) for r in rows(tmp_path / "b", "val/skipped")][-1] == 1.0
+    assert list((tmp_path / "b" / "checkpoints").glob("best-*.ckpt"))
+
+
+def test_evaluate_checks_its_output_directory_before_the_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = cli("evaluate.py", "ckpt_path=/nonexistent.ckpt", f"output_dir={blocker / 'sub'}",
+                 f"hydra.run.dir={tmp_path / 'h'}", ok=False)  # fmt: skip
+    assert f"output_dir={blocker / 'sub'} cannot be written" in result.stderr  # before the checkpoint is read
+    assert not json.dumps(result.stdout).count("metrics:")
