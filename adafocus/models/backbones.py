@@ -51,7 +51,11 @@ BACKBONES: dict[str, Backbone] = {
         lambda: _resnet_trunk(tvm.resnet50()), tvm.ResNet50_Weights.IMAGENET1K_V1, 2048, resize=96
     ),
     "mbv3s": Backbone(
-        _mbv3s, tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1, 16, "area", weights_prefix="features."
+        _mbv3s,
+        tvm.MobileNet_V3_Small_Weights.IMAGENET1K_V1,
+        16,
+        resize_mode="area",
+        weights_prefix="features.",
     ),
     "res18": Backbone(lambda: _resnet_trunk(tvm.resnet18()), tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
 }
