@@ -73,6 +73,46 @@ def test_export_matches_eager_for_any_batch(tmp_path, fmt, load):
         assert_matches_eager(model, load(path, video), video)
 
 
+STEP_API = pytest.mark.skipif(
+    not hasattr(AdaFocusV2, "init_state"), reason="needs the step API AdaFocusV2.init_state/step (issue 11.2)"
+)
+
+
+@STEP_API
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_step_export_streams_the_whole_clip_forward(tmp_path, fmt):
+    model = tiny_model()
+    path = tmp_path / f"step.{fmt}"
+    export_model(model, fmt, path, graph="step")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        assert names == ["frame", "hidden", "pooled", "step"]
+
+        def run(*inputs):
+            feed = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
+            return [torch.from_numpy(o) for o in session.run(None, feed)]
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            run = torch.no_grad()(torch.jit.load(str(path)))
+    for batch in (1, 3):
+        video = torch.randn(batch, 4, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = model(video)
+        hidden = torch.zeros(1, batch, model.policy.gru.hidden_size)  # the documented initial state
+        pooled = torch.full((batch, model.classifier.head_weight.shape[-1]), float("-inf"))
+        step = torch.tensor(0)
+        for t in range(4):
+            logits, action, confidence, hidden, pooled, step = run(video[:, t], hidden, pooled, step)
+            torch.testing.assert_close(logits, expected.logits[:, t], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(action, expected.actions[:, t], rtol=1e-4, atol=1e-5)
+            probs = torch.softmax(expected.logits[:, t], -1)
+            torch.testing.assert_close(confidence, probs.max(-1).values, rtol=1e-4, atol=1e-6)
+            assert int(step) == t + 1
+
+
 def test_cummax_decomposition_equals_torch():
     x = torch.randint(0, 4, (3, 7, 5)).float()  # many ties: the indices must follow torch's choice
     for dim in (1, -1, 0):
