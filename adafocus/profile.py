@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import hydra
 import torch
@@ -52,55 +53,76 @@ def build_model(cfg: DictConfig) -> AdaFocusV2:
     )
 
 
-@torch.no_grad()
+class PartTimer:
+    """Times ``model``'s forwards, in total and per part of :data:`PARTS` (forward hooks around the part's
+    modules, whatever runtime they are in); ``close()`` removes the hooks."""
+
+    def __init__(self, model: AdaFocusV2, sync: Callable[[], None]):
+        self.model, self.sync = model, sync
+        self.spent: dict[str, float] = {}
+        started: dict[str, float] = {}
+
+        def pre(name):
+            def hook(_module, _args):
+                sync()
+                started[name] = time.perf_counter()
+
+            return hook
+
+        def post(part, name):
+            def hook(_module, _args, _out):
+                sync()
+                self.spent[part] = self.spent.get(part, 0.0) + time.perf_counter() - started[name]
+
+            return hook
+
+        self.hooks = [
+            handle
+            for part, names in PARTS.items()
+            for name in names
+            for handle in (
+                getattr(model, name).register_forward_pre_hook(pre(name)),
+                getattr(model, name).register_forward_hook(post(part, name)),
+            )
+        ]
+
+    @torch.no_grad()
+    def __call__(self, video: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """Seconds of one forward of ``video`` and of each part in it."""
+        self.spent.clear()
+        self.sync()
+        start = time.perf_counter()
+        self.model(video)
+        self.sync()
+        return time.perf_counter() - start, {part: self.spent.get(part, 0.0) for part in PARTS}
+
+    def close(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+
+
 def measure_speed(
-    model: AdaFocusV2, video: torch.Tensor, repeats: int, warmup: int
-) -> tuple[list[float], list[dict[str, float]]]:
-    """Seconds per forward of ``video``, ``repeats`` times after ``warmup`` untimed runs, and the seconds
-    each part of :data:`PARTS` took in each timed run (forward hooks around its modules)."""
+    models: dict[str, AdaFocusV2], video: torch.Tensor, repeats: int, warmup: int
+) -> dict[str, tuple[list[float], list[dict[str, float]]]]:
+    """Per model: seconds per forward of ``video`` and per part, ``repeats`` times after ``warmup`` untimed
+    runs. The models take turns (one forward each per round), so a change in the machine's load during the
+    run falls on all of them alike."""
     sync = torch.cuda.synchronize if video.is_cuda else (lambda: None)
-    spent: dict[str, float] = {}
-    started: dict[str, float] = {}
-
-    def pre(name):
-        def hook(_module, _args):
-            sync()
-            started[name] = time.perf_counter()
-
-        return hook
-
-    def post(part, name):
-        def hook(_module, _args, _out):
-            sync()
-            spent[part] = spent.get(part, 0.0) + time.perf_counter() - started[name]
-
-        return hook
-
-    hooks = [
-        handle
-        for part, names in PARTS.items()
-        for name in names
-        for handle in (
-            getattr(model, name).register_forward_pre_hook(pre(name)),
-            getattr(model, name).register_forward_hook(post(part, name)),
-        )
-    ]
+    timers = {name: PartTimer(model, sync) for name, model in models.items()}
     try:
         for _ in range(warmup):
-            model(video)
-        sync()
-        times, parts = [], []
+            for timer in timers.values():
+                timer(video)
+        runs = {name: ([], []) for name in models}
         for _ in range(repeats):
-            spent.clear()
-            start = time.perf_counter()
-            model(video)
-            sync()
-            times.append(time.perf_counter() - start)
-            parts.append({part: spent.get(part, 0.0) for part in PARTS})
+            for name, timer in timers.items():
+                total, parts = timer(video)
+                runs[name][0].append(total)
+                runs[name][1].append(parts)
     finally:
-        for handle in hooks:
-            handle.remove()
-    return times, parts
+        for timer in timers.values():
+            timer.close()
+    return runs
 
 
 def max_differences(got: AdaFocusOutput, expected: AdaFocusOutput) -> dict[str, float]:
@@ -172,17 +194,19 @@ def profile(cfg: DictConfig) -> dict:
     video = torch.randn(shape, generator=generator).to(device)
     with torch.no_grad():
         expected = model(video)
-    speed = {}
+    models, setup = {}, {}
     for name in runtimes(cfg):
         start = time.perf_counter()
-        fast = model if name == "eager" else optimize(model, name)
-        setup = time.perf_counter() - start
-        times, part_times = measure_speed(fast, video, int(cfg.repeats), int(cfg.warmup))
+        models[name] = model if name == "eager" else optimize(model, name)
+        setup[name] = time.perf_counter() - start
+    runs = measure_speed(models, video, int(cfg.repeats), int(cfg.warmup))
+    speed = {}
+    for name, (times, part_times) in runs.items():
         median = statistics.median(times)
         per_part = {part: statistics.median(p[part] for p in part_times) for part in PARTS}
         per_part["other"] = median - sum(per_part.values())
         with torch.no_grad():
-            diffs = max_differences(fast(video), expected)
+            diffs = max_differences(models[name](video), expected)
         if diffs["max_rel_diff"] > RELATIVE_TOLERANCE:
             raise RuntimeError(
                 f"runtime={name}: outputs differ from eager's by {diffs['max_rel_diff']:.2e} of their "
@@ -192,10 +216,9 @@ def profile(cfg: DictConfig) -> dict:
             "latency_ms_per_video": 1000 * median / batch_size,
             "videos_per_s": batch_size / median,
             "parts_ms_per_video": {part: 1000 * t / batch_size for part, t in per_part.items()},
-            "setup_s": setup,
+            "setup_s": setup[name],
             **diffs,
         }
-        del fast
     return {
         "glance": cfg.backbone.glance_arch,
         "focus": cfg.backbone.focus_arch,
