@@ -139,7 +139,7 @@ RUNTIMES: dict[str, tuple[Callable[[AdaFocusV2, dict], None] | None, Callable[[]
     "compile": (_compile, lambda: any(shutil.which(c) for c in ("g++", "c++", "clang++"))),
     "onnxruntime": (_onnxruntime, _has_onnx),
 }
-FASTEST = ("onnxruntime", "channels_last", "eager")  # measured order (README, "Model profile")
+FASTEST = ("onnxruntime", "torchscript", "channels_last", "eager")  # measured order (README, "Model profile")
 
 
 def available_runtimes() -> list[str]:
