@@ -15,6 +15,7 @@ from rich.console import Console
 
 from adafocus.models import AdaFocusV2
 from adafocus.profile import PARTS, print_table, profile
+from adafocus.runtime import available_runtimes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["backbone=cpu", "patch=32", "input_size=64", "num_frames=4", "num_classes=5", "repeats=2", "warmup=1"]
@@ -59,26 +60,46 @@ def test_cli_json_matches_the_model(tmp_path):
         "mbv3s", "res18", 32, 4, 64,
     )  # fmt: skip
     assert (out["device"], out["batch_size"]) == ("cpu", 1)
-    assert out["latency_ms_per_video"] > 0
-    assert out["videos_per_s"] == pytest.approx(1000 / out["latency_ms_per_video"])
+    assert list(out["runtimes"]) == available_runtimes()  # runtime=null: every runtime this machine has
+    for name, row in out["runtimes"].items():
+        assert row["latency_ms_per_video"] > 0, name
+        assert row["videos_per_s"] == pytest.approx(1000 / row["latency_ms_per_video"])
+        assert list(row["parts_ms_per_video"]) == ["glance", "policy", "focus", "classifier", "other"]
+        assert all(t > 0 for part, t in row["parts_ms_per_video"].items() if part != "other"), name
+        assert sum(row["parts_ms_per_video"].values()) == pytest.approx(row["latency_ms_per_video"])
+        assert row["max_rel_diff"] <= 1e-3, name  # the same model: eager's outputs to float tolerance
+    assert out["runtimes"]["eager"]["max_abs_diff"] == 0
 
 
 def test_table_and_throughput_in_process():
-    result = profile(config("batch_size=2"))
-    assert result["batch_size"] == 2
-    assert result["videos_per_s"] == pytest.approx(1000 / result["latency_ms_per_video"])
-    console = Console(record=True, width=120)
+    threads = torch.get_num_threads()
+    try:
+        result = profile(config("batch_size=2", "runtime=[channels_last,eager]", "threads=1"))
+    finally:
+        torch.set_num_threads(threads)
+    assert result["batch_size"] == 2 and result["threads"] == 1
+    assert list(result["runtimes"]) == ["channels_last", "eager"]  # the order asked for
+    for row in result["runtimes"].values():
+        assert row["videos_per_s"] == pytest.approx(1000 / row["latency_ms_per_video"])
+    console = Console(record=True, width=140)
     print_table(result, console)
     text = console.export_text()
     assert "mbv3s glance + res18 focus, P=32, T=4, 64 px" in text
-    for part in ("glance", "policy", "focus", "classifier", "total"):
+    for part in ("glance", "policy", "focus", "classifier", "total", "other", "x eager"):
         assert part in text
     assert f"{result['gflops']:.2f}" in text and f"{result['params_m']:.2f}" in text
-    assert "throughput (cpu, batch 2)" in text and "videos/s" in text
+    assert "throughput (cpu, 1 threads, batch 2)" in text and "videos/s" in text
+    row = result["runtimes"]["channels_last"]
+    ratio = row["latency_ms_per_video"] / result["runtimes"]["eager"]["latency_ms_per_video"]
+    line = next(line for line in text.splitlines() if line.startswith("│ channels_last "))
+    cells = [cell.strip() for cell in line.strip("│").split("│")]
+    parts = [f"{row['parts_ms_per_video'][p]:.1f}" for p in (*PARTS, "other")]
+    assert cells == ["channels_last", f"{row['videos_per_s']:.1f}", f"{ratio:.2f}", *parts,
+                     f"{row['max_abs_diff']:.1e}", f"{row['setup_s']:.1f}"]  # fmt: skip
     result["batch_size"] = 1
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=140)
     print_table(result, console)
-    assert "ms / video" in console.export_text()
+    assert "latency (cpu, 1 threads, batch 1, median), ms / video" in console.export_text()
 
 
 def test_config_errors():
@@ -88,6 +109,12 @@ def test_config_errors():
         profile(config("device=tpu"))
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         profile(config("repeats=0"))
+    with pytest.raises(ValueError, match="runtime: unknown 'tensorrt'; known: eager, channels_last"):
+        profile(config("runtime=[eager,tensorrt]"))
+    with pytest.raises(ValueError, match="names a runtime twice"):
+        profile(config("runtime=[eager,eager]"))
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        profile(config("threads=0"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             profile(config("device=cuda", "batch_size=4"))

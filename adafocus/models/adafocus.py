@@ -119,7 +119,9 @@ class AdaFocusV2(nn.Module):
 
     # ---- forward ----
     def check_input(self, video: torch.Tensor, values: bool = True) -> None:
-        """Shape ``[B, num_frames, 3, input_size, input_size]`` and (``values``) finite entries."""
+        """Shape ``[B, num_frames, 3, input_size, input_size]`` and (``values``) finite entries. Values are
+        not checked while tracing or compiling (a data-dependent branch cannot be in an exported graph):
+        the caller of an exported or compiled model checks them, see :mod:`adafocus.runtime`."""
         expected = (self.num_frames, 3, self.input_size, self.input_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(
@@ -131,7 +133,8 @@ class AdaFocusV2(nn.Module):
                 f"AdaFocusV2 expects a float video normalised with the ImageNet mean/std, got {video.dtype} "
                 "(data loaders yield uint8: adafocus.data.transforms.normalize_video converts)"
             )
-        if values and not torch.isfinite(video).all():
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if values and not tracing and not torch.isfinite(video).all():
             raise ValueError("AdaFocusV2 input contains NaN or Inf values")
 
     def run_glance(self, video: torch.Tensor) -> GlanceOutput:
