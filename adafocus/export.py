@@ -31,6 +31,7 @@ from torch import nn
 
 from adafocus.fileio import atomic_path
 from adafocus.models import AdaFocusV2
+from adafocus.tasks.common import user_errors
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 GRAPHS = ("eval", "step")  # the whole-clip eval forward; one streaming step (AdaFocusV2.step)
@@ -270,7 +271,8 @@ def check_step_graph(run: Callable[..., tuple[torch.Tensor, ...]], model: AdaFoc
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    export(cfg)
+    with user_errors():
+        export(cfg)
 
 
 if __name__ == "__main__":

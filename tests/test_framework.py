@@ -403,3 +403,22 @@ def test_user_errors_are_one_clear_message(tmp_path):
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 1 and "ValueError: epochs=0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_faster_cpu_runtime_gives_the_same_numbers(trained, tmp_path):
+    best = trained[0]["best_checkpoint"]
+    out = {}
+    for runtime in ("eager", "onnxruntime"):
+        where = [f"predictions_out={tmp_path / runtime}.pt", f"hydra.run.dir={tmp_path / runtime}"]
+        run("evaluate.py", f"ckpt_path={best}", f"runtime={runtime}", *where)
+        out[runtime] = json.loads((tmp_path / runtime / "metrics.json").read_text())
+    assert out["onnxruntime"]["runtime"] == "onnxruntime"
+    assert (
+        out["onnxruntime"]["top1"] == out["eager"]["top1"]
+        and out["onnxruntime"]["gflops"] == out["eager"]["gflops"]
+    )
+    from adafocus.predictions import load_predictions
+
+    a, b = (load_predictions(tmp_path / f"{r}.pt")["logits"] for r in ("eager", "onnxruntime"))
+    assert torch.allclose(a, b, atol=1e-4)

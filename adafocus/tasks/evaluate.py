@@ -45,7 +45,14 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         test_clips=cfg.get("test_clips", 1),
         test_crops=cfg.get("test_crops", 1),
     )
-    gflops = module.gflops_per_video * views  # every view is a whole forward
+    gflops = module.gflops_per_video * views  # every view is a whole forward (counted on the eager model)
+    runtime = str(cfg.get("runtime", "eager"))
+    if runtime != "eager":  # the same outputs (float tolerance) from a faster CPU engine
+        from adafocus.runtime import optimize
+
+        if run_cfg.trainer.accelerator not in ("cpu", "auto") or torch.cuda.is_available():
+            raise ValueError(f"runtime={runtime} is for CPU inference; on a GPU use runtime=eager")
+        module.model = optimize(module.model, runtime)
     loggers = instantiate_loggers(run_cfg, hyperparams=plain_config(run_cfg))  # test/* go to them too
     wandb = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
     callbacks: list = [RichProgressBar()]
@@ -60,7 +67,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     policy = "learned" if module.eval_policy is None else type(module.eval_policy).__name__
     results = {k.removeprefix("test/"): float(v) for k, v in metrics.items()}
     results["num_videos"] = int(results["num_videos"])
-    results.update(gflops=gflops, policy=policy, views=views)
+    results.update(gflops=gflops, policy=policy, views=views, runtime=runtime)
     skipped = datamodule.skipped_videos("val")
     if run_cfg.dataset.skip_bad_eval:
         results["skipped"] = len(skipped)
