@@ -178,4 +178,4 @@ def test_cli_errors_before_loading(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode != 0
-    assert f"ckpt_path: no such file {tmp_path / 'missing.ckpt'}" in result.stderr
+    assert f"ckpt_path={tmp_path / 'missing.ckpt'}: no such file" in result.stderr
