@@ -46,7 +46,10 @@ class AdaFocusModule(pl.LightningModule):
         ]
         if eval_policy is not None and not isinstance(eval_policy, str | nn.Module):
             eval_policy = eval_policy(**self.model.glance_shape)
-        self.eval_policy = eval_policy
+        if eval_policy == "learned" or type(eval_policy) is type(self.model.policy):
+            eval_policy = None  # the trained policy itself, not a fresh one of its kind
+        # not a registered submodule: the checkpoint holds the model, whatever policy an evaluation uses
+        self.__dict__["eval_policy"] = eval_policy
         self.optim_cfg: DictConfig = cfg.optim
         self.lr = float(cfg.lr)
         self.epochs = int(cfg.epochs)

@@ -298,6 +298,8 @@ def test_evaluate_keeps_the_checkpoints_model(trained, tmp_path):
         f"hydra.run.dir={tmp_path / 'a'}")  # fmt: skip
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["top1"] == pytest.approx(results["best_top1"]) and metrics["skipped"] == 0
+    run("evaluate.py", f"ckpt_path={best}", "policy=learned", f"hydra.run.dir={tmp_path / 'l'}")
+    assert json.loads((tmp_path / "l" / "metrics.json").read_text())["top1"] == pytest.approx(metrics["top1"])
     args = [sys.executable, "evaluate.py", f"ckpt_path={best}", "patch=24", f"hydra.run.dir={tmp_path / 'b'}"]
     bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "model.patch_size: checkpoint 16, command line 24" in bad.stderr
@@ -422,3 +424,37 @@ def test_evaluate_with_a_faster_cpu_runtime_gives_the_same_numbers(trained, tmp_
 
     a, b = (load_predictions(tmp_path / f"{r}.pt")["logits"] for r in ("eager", "onnxruntime"))
     assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_from_a_transcoded_copy_with_either_decoder_and_sampling(tmp_path):
+    """The Fast video data path end to end: transcode a dataset's videos (keyframes every 2 frames), then
+    train with torchcodec + keyframe sampling and evaluate with decord + exact sampling (and the reverse)."""
+    import shutil
+
+    from videos import make_video_dataset
+
+    videos = [(f"c{k % 2}/v{k}", 10, [k % 2]) for k in range(8)]
+    raw = make_video_dataset(tmp_path / "raw", videos, num_classes=2, val_videos=videos[:4])
+    fast = tmp_path / "fast"
+    run("-m", "adafocus.data.prepare", "transcode", str(raw / "videos"), str(fast / "videos"),
+        "--keyint", "2", "--short-side", "48", "--workers", "1")  # fmt: skip
+    for name in ("train_split.txt", "val_split.txt", "classInd.txt"):
+        shutil.copy(raw / name, fast / name)
+    assert (fast / "videos" / "manifest.jsonl").is_file()
+    own = [
+        "dataset=custom", "dataset.num_classes=2", f"data_dir={fast}", "dataset.input_size=48",
+        "dataset.decode_short_side=null", "backbone=cpu", "backbone.glance_size=6", "patch=16",
+        "num_frames=2", "batch_size=4", "workers=0", "backbone.stn_hidden_dim=32",
+        "backbone.classifier_dim=64", "epochs=1",
+    ]  # fmt: skip
+    for train_with, evaluate_with in [
+        (["dataset.decoder=torchcodec", "dataset.sampling=keyframe"], ["dataset.decoder=decord"]),
+        (["dataset.decoder=decord", "dataset.sampling=keyframe"], ["dataset.decoder=torchcodec"]),
+    ]:
+        out = tmp_path / train_with[0].split("=")[1]
+        run("train.py", *own, *train_with, f"hydra.run.dir={out}")
+        best = next((out / "checkpoints").glob("best-*.ckpt"))
+        run("evaluate.py", f"ckpt_path={best}", *evaluate_with, "dataset.sampling=exact",
+            f"hydra.run.dir={out / 'eval'}")  # fmt: skip
+        assert json.loads((out / "eval" / "metrics.json").read_text())["num_videos"] == 4
