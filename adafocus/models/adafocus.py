@@ -151,13 +151,19 @@ class AdaFocusV2(nn.Module):
 
         ``policy``: None or "learned" (this model's trained policy), a name of :data:`POLICIES` (a fixed
         policy: "random", "center"), or a policy module."""
+        fmap = glance.feature_map.detach()  # stop-gradient: no policy ever trains the glance
+        return self.resolve_policy(policy)(fmap)
+
+    def resolve_policy(self, policy: str | nn.Module | None) -> nn.Module:
+        """None / "learned": this model's trained policy; a name of :data:`POLICIES`: a fixed policy built for
+        this glance; a module: itself."""
         if policy is None or policy == "learned":
-            policy = self.policy
-        elif isinstance(policy, str):
+            return self.policy
+        if isinstance(policy, str):
             if policy not in POLICIES:
                 raise ValueError(f"policy must be one of {sorted(POLICIES)} or a module, got {policy!r}")
-            policy = POLICIES[policy](**self.glance_shape)
-        return policy(glance.feature_map.detach())  # stop-gradient: no policy ever trains the glance
+            return POLICIES[policy](**self.glance_shape)
+        return policy
 
     def run_focus(
         self, video: torch.Tensor, glance: GlanceOutput, policy: str | nn.Module | None = None
@@ -185,12 +191,7 @@ class AdaFocusV2(nn.Module):
     # ---- streaming: one frame at a time ----
     def init_state(self, batch_size: int, policy: str | nn.Module | None = None) -> StreamState:
         """The state before the first frame of ``batch_size`` streams; ``policy`` as in :meth:`actions`."""
-        if policy is None or policy == "learned":
-            policy = self.policy
-        elif isinstance(policy, str):
-            if policy not in POLICIES:
-                raise ValueError(f"policy must be one of {sorted(POLICIES)} or a module, got {policy!r}")
-            policy = POLICIES[policy](**self.glance_shape)
+        policy = self.resolve_policy(policy)
         if not callable(getattr(policy, "step", None)):
             raise TypeError(
                 f"policy {type(policy).__name__} has no step(feature_map, state) method: it cannot stream "
