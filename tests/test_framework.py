@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from adafocus.module import AdaFocusModule
-from adafocus.tasks import evaluate, train
+from adafocus.tasks import early_exit, evaluate, train
 from adafocus.tasks.common import check_config, plain_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,35 +277,34 @@ def test_multirun_jobs_get_their_own_directories(data_root, tmp_path):
         assert OmegaConf.load(job / ".hydra" / "config.yaml").patch in (16, 24)
 
 
-# ------------------------------------------------------------------ the config groups, from the real CLI
-@pytest.mark.slow
 def test_trainer_arguments_logger_lists_and_debug_presets(data_root, tmp_path):
     out = tmp_path / "limited"
-    run("train.py", *TINY, f"data_root={data_root}", "trainer.limit_train_batches=2", "trainer.max_epochs=1",
-        "logger=[csv,tensorboard]", f"hydra.run.dir={out}")  # fmt: skip
+    train(config(*TINY, f"data_root={data_root}", "trainer.limit_train_batches=2", "trainer.max_epochs=1",
+                 "logger=[csv,tensorboard]", f"output_dir={out}"))  # fmt: skip
     rows = [r for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("train/loss")]
     assert len(rows) <= 2 and list((out / "tensorboard").glob("events.out.tfevents.*"))
-    fdr = run("train.py", *TINY, f"data_root={data_root}", "debug=fdr", f"hydra.run.dir={tmp_path / 'fdr'}")
-    assert "Running in `fast_dev_run` mode" in fdr.stdout + fdr.stderr
+    fdr = config(*TINY, f"data_root={data_root}", "debug=fdr", f"output_dir={tmp_path / 'fdr'}")
+    assert fdr.trainer.fast_dev_run is True and fdr.workers == 0
+    assert train(fdr)["epochs"] == 1  # one batch of each, then done
 
 
-@pytest.mark.slow
 def test_evaluate_keeps_the_checkpoints_model(trained, tmp_path):
     """Runtime knobs come from the command line; a model-defining one that differs is an error."""
     results, _ = trained
     best = results["best_checkpoint"]
-    run("evaluate.py", f"ckpt_path={best}", "dataset.skip_bad_eval=true", "workers=0", "batch_size=3",
-        f"hydra.run.dir={tmp_path / 'a'}")  # fmt: skip
-    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+
+    def evaluate_with(*overrides: str, out: str) -> dict:
+        cfg = config(f"ckpt_path={best}", f"output_dir={tmp_path / out}", *overrides, name="evaluate")
+        return evaluate(cfg, overrides=list(overrides))
+
+    metrics = evaluate_with("dataset.skip_bad_eval=true", "workers=0", "batch_size=3", out="a")
     assert metrics["top1"] == pytest.approx(results["best_top1"]) and metrics["skipped"] == 0
-    run("evaluate.py", f"ckpt_path={best}", "policy=learned", f"hydra.run.dir={tmp_path / 'l'}")
-    assert json.loads((tmp_path / "l" / "metrics.json").read_text())["top1"] == pytest.approx(metrics["top1"])
-    args = [sys.executable, "evaluate.py", f"ckpt_path={best}", "patch=24", f"hydra.run.dir={tmp_path / 'b'}"]
-    bad = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 1 and "model.patch_size: checkpoint 16, command line 24" in bad.stderr
-    run("evaluate.py", f"ckpt_path={best}", "patch=24", "allow_model_override=true",
-        f"hydra.run.dir={tmp_path / 'c'}")  # fmt: skip
-    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["gflops"] > metrics["gflops"]
+    assert evaluate_with("policy=learned", out="l")["top1"] == pytest.approx(
+        metrics["top1"]
+    )  # the trained one
+    with pytest.raises(ValueError, match="model.patch_size: checkpoint 16, command line 24"):
+        evaluate_with("patch=24", out="b")
+    assert evaluate_with("patch=24", "allow_model_override=true", out="c")["gflops"] > metrics["gflops"]
 
 
 @pytest.mark.slow
@@ -353,14 +352,14 @@ def test_train_on_your_own_videos_from_a_published_checkpoint(trained, tmp_path)
     best = next((out / "checkpoints").glob("best-*.ckpt"))
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     assert state["model.glance_head.1.weight"].shape[0] == 3
-    run("evaluate.py", f"ckpt_path={best}", f"hydra.run.dir={tmp_path / 'eval'}")
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = evaluate(config(f"ckpt_path={best}", f"output_dir={tmp_path / 'eval'}", name="evaluate"), [])
     assert metrics["num_videos"] == 3 and 0 <= metrics["top1"] <= 100  # one val video per class
-    run("early_exit.py", f"ckpt_path={best}", "budgets=[1.0]", f"hydra.run.dir={tmp_path / 'ee'}")
-    assert (tmp_path / "ee" / "early_exit.csv").is_file() and (tmp_path / "ee" / "thresholds.json").is_file()
+    curve = early_exit(
+        config(f"ckpt_path={best}", "budgets=[1.0]", f"output_dir={tmp_path / 'ee'}", name="early_exit")
+    )
+    assert Path(curve["csv"]).is_file() and Path(curve["thresholds"]).is_file()
 
 
-@pytest.mark.slow
 def test_multi_view_testing_averages_views_and_multiplies_gflops(trained, tmp_path):
     from adafocus.predictions import load_predictions
 
@@ -371,12 +370,9 @@ def test_multi_view_testing_averages_views_and_multiplies_gflops(trained, tmp_pa
         "clips": ["test_clips=3"],
         "both": ["test_clips=2", "test_crops=3"],
     }.items():
-        run("evaluate.py", f"ckpt_path={best}", *views, f"predictions_out={tmp_path / name}.pt",
-            f"hydra.run.dir={tmp_path / name}")  # fmt: skip
-        out[name] = (
-            json.loads((tmp_path / name / "metrics.json").read_text()),
-            load_predictions(tmp_path / f"{name}.pt"),
-        )
+        overrides = [*views, f"predictions_out={tmp_path / name}.pt"]
+        cfg = config(f"ckpt_path={best}", f"output_dir={tmp_path / name}", *overrides, name="evaluate")
+        out[name] = (evaluate(cfg, overrides=overrides), load_predictions(tmp_path / f"{name}.pt"))
     single, clips, both = (out[k][0] for k in ("single", "clips", "both"))
     assert (clips["views"], both["views"]) == (3, 6)
     assert clips["gflops"] == pytest.approx(3 * single["gflops"]) and both["gflops"] == pytest.approx(
@@ -388,40 +384,38 @@ def test_multi_view_testing_averages_views_and_multiplies_gflops(trained, tmp_pa
 
 
 def test_user_errors_are_one_clear_message(tmp_path):
-    """A damaged checkpoint, a missing file, a bad value: the message names it, no traceback (status 1)."""
+    """A damaged checkpoint or a bad value: the message names it, no traceback (status 1)."""
     garbage, empty = tmp_path / "garbage.ckpt", tmp_path / "empty.ckpt"
     garbage.write_bytes(os.urandom(4096))
     empty.write_bytes(b"")
-    for args, expected in [
-        ([f"ckpt_path={garbage}"], f"ckpt_path={garbage} cannot be read as a checkpoint"),
-        ([f"ckpt_path={empty}"], f"ckpt_path={empty} cannot be read as a checkpoint"),
-        ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], f"ckpt_path={tmp_path / 'missing.ckpt'}: no such file"),
-    ]:
-        result = subprocess.run([sys.executable, "evaluate.py", *args, f"hydra.run.dir={tmp_path}"], cwd=ROOT,
-                                capture_output=True, text=True)  # fmt: skip
-        assert result.returncode == 1 and expected in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, "train.py", "epochs=0", f"hydra.run.dir={tmp_path}"], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 1 and "ValueError: epochs=0" in result.stderr
+    args = [sys.executable, "evaluate.py", f"ckpt_path={garbage}", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and f"ckpt_path={garbage} cannot be read as a checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+    for path, expected in [
+        (empty, "cannot be read as a checkpoint"),
+        (tmp_path / "missing.ckpt", "no such file"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=f"ckpt_path={path}.*{expected}"):
+            evaluate(config(f"ckpt_path={path}", f"output_dir={tmp_path}", name="evaluate"), overrides=[])
+    with pytest.raises(ValueError, match="epochs=0"):
+        train(config("epochs=0", f"output_dir={tmp_path}"))
 
 
-@pytest.mark.slow
 def test_evaluate_with_a_faster_cpu_runtime_gives_the_same_numbers(trained, tmp_path):
+    from adafocus.predictions import load_predictions
+
     best = trained[0]["best_checkpoint"]
     out = {}
     for runtime in ("eager", "onnxruntime"):
-        where = [f"predictions_out={tmp_path / runtime}.pt", f"hydra.run.dir={tmp_path / runtime}"]
-        run("evaluate.py", f"ckpt_path={best}", f"runtime={runtime}", *where)
-        out[runtime] = json.loads((tmp_path / runtime / "metrics.json").read_text())
+        overrides = [f"runtime={runtime}", f"predictions_out={tmp_path / runtime}.pt"]
+        cfg = config(f"ckpt_path={best}", f"output_dir={tmp_path / runtime}", *overrides, name="evaluate")
+        out[runtime] = evaluate(cfg, overrides=overrides)
     assert out["onnxruntime"]["runtime"] == "onnxruntime"
     assert (
         out["onnxruntime"]["top1"] == out["eager"]["top1"]
         and out["onnxruntime"]["gflops"] == out["eager"]["gflops"]
     )
-    from adafocus.predictions import load_predictions
-
     a, b = (load_predictions(tmp_path / f"{r}.pt")["logits"] for r in ("eager", "onnxruntime"))
     assert torch.allclose(a, b, atol=1e-4)
 
@@ -448,13 +442,21 @@ def test_train_and_evaluate_from_a_transcoded_copy_with_either_decoder_and_sampl
         "num_frames=2", "batch_size=4", "workers=0", "backbone.stn_hidden_dim=32",
         "backbone.classifier_dim=64", "epochs=1",
     ]  # fmt: skip
-    for train_with, evaluate_with in [
-        (["dataset.decoder=torchcodec", "dataset.sampling=keyframe"], ["dataset.decoder=decord"]),
-        (["dataset.decoder=decord", "dataset.sampling=keyframe"], ["dataset.decoder=torchcodec"]),
-    ]:
-        out = tmp_path / train_with[0].split("=")[1]
-        run("train.py", *own, *train_with, f"hydra.run.dir={out}")
-        best = next((out / "checkpoints").glob("best-*.ckpt"))
-        run("evaluate.py", f"ckpt_path={best}", *evaluate_with, "dataset.sampling=exact",
-            f"hydra.run.dir={out / 'eval'}")  # fmt: skip
-        assert json.loads((out / "eval" / "metrics.json").read_text())["num_videos"] == 4
+    out = (
+        tmp_path / "torchcodec"
+    )  # the real CLI once: torchcodec + keyframes to train, decord + exact to evaluate
+    run("train.py", *own, "dataset.decoder=torchcodec", "dataset.sampling=keyframe", f"hydra.run.dir={out}")
+    best = next((out / "checkpoints").glob("best-*.ckpt"))
+    run("evaluate.py", f"ckpt_path={best}", "dataset.decoder=decord", "dataset.sampling=exact",
+        f"hydra.run.dir={out / 'eval'}")  # fmt: skip
+    assert json.loads((out / "eval" / "metrics.json").read_text())["num_videos"] == 4
+    out = tmp_path / "decord"  # and the other way round
+    trained = train(config(*own, "dataset.decoder=decord", "dataset.sampling=keyframe", f"output_dir={out}"))
+    evaluate_with = ["dataset.decoder=torchcodec", "dataset.sampling=exact"]
+    cfg = config(
+        f"ckpt_path={trained['best_checkpoint']}",
+        *evaluate_with,
+        f"output_dir={out / 'eval'}",
+        name="evaluate",
+    )
+    assert evaluate(cfg, overrides=evaluate_with)["num_videos"] == 4
