@@ -388,16 +388,24 @@ def test_cli_on_prediction_files(tmp_path):
 
 
 def test_cli_rejects_mismatched_files(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from adafocus.predictions import PredictionFileError
+    from adafocus.tasks import early_exit
+
+    def early_exit_with(*overrides: str):
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            return early_exit(compose("early_exit", [*overrides, f"output_dir={tmp_path / 'out'}"]))
+
     calib = _prediction_file(tmp_path / "calib.pt", 50, 4, 5, seed=0)
     evals = _prediction_file(tmp_path / "eval.pt", 30, 3, 5, seed=1)
-    proc = _run_cli(tmp_path, f"calib_predictions={calib}", f"eval_predictions={evals}", "logger=csv")
-    assert proc.returncode != 0
-    assert "T = 4" in proc.stderr and "T = 3" in proc.stderr and "calib.pt" in proc.stderr
-    # the dataset chosen on the command line must match the files' class count
+    with pytest.raises(PredictionFileError, match=r"T = 4.*calib.pt|calib.pt.*T = 4"):
+        early_exit_with(f"calib_predictions={calib}", f"eval_predictions={evals}")
+    with pytest.raises(ValueError, match="ckpt_path"):  # no checkpoint and no prediction files
+        early_exit_with()
+    # the dataset chosen on the command line must match the files' class count (the real CLI: it reads
+    # which groups the command line chose)
     evals = _prediction_file(tmp_path / "eval.pt", 30, 4, 5, seed=1)
     proc = _run_cli(tmp_path, f"calib_predictions={calib}", f"eval_predictions={evals}", "dataset=minik")
     assert proc.returncode != 0
     assert "dataset.num_classes" in proc.stderr and "200" in proc.stderr
-    # no checkpoint and no prediction files
-    proc = _run_cli(tmp_path, "logger=csv")
-    assert proc.returncode != 0 and "ckpt_path" in proc.stderr

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from adafocus.predictions import load_predictions
-from adafocus.tasks import train
+from adafocus.tasks import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -52,12 +52,12 @@ def test_early_exit_cli_on_a_checkpoint(checkpoint, tmp_path):
 
 def test_prediction_files_from_evaluate_feed_early_exit(checkpoint, tmp_path):
     calib, evals = tmp_path / "calib.pt", tmp_path / "eval.pt"
-    _run(
-        "evaluate.py",
-        f"ckpt_path={checkpoint}",
-        f"predictions_out={evals}",
-        f"hydra.run.dir={tmp_path / 'e'}",
-    )
+    with initialize_config_dir(
+        str(ROOT / "conf"), version_base="1.3"
+    ):  # evaluate in-process: its CLI is tested
+        cfg = compose("evaluate", overrides=[f"ckpt_path={checkpoint}", f"predictions_out={evals}",
+                                             f"output_dir={tmp_path / 'e'}"])  # fmt: skip
+    evaluate(cfg, overrides=[])
     preds = load_predictions(evals)
     assert preds["logits"].shape == (7, 2, 4) and preds["labels"].shape[0] == 7 and len(preds["paths"]) == 7
     assert preds["metric"] == "top1" and preds["num_classes"] == 4 and preds["gflops_per_video"] > 0

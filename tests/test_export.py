@@ -13,11 +13,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from adafocus.export import OUTPUTS, cummax, export_model
+from adafocus.export import OUTPUTS, cummax, export, export_model
 from adafocus.models import AdaFocusV2
 from adafocus.module import AdaFocusModule
+from adafocus.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(name: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
 
 
 def tiny_model(seed: int = 0) -> AdaFocusV2:
@@ -144,8 +152,8 @@ def test_cli_exports_a_trained_checkpoint(tmp_path):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         return result
 
-    run("train.py", *TRAIN, f"data_root={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'train'}")
-    ckpt_path = next((tmp_path / "train" / "checkpoints").glob("best-*.ckpt"))
+    ckpt_path = Path(train(config("train", *TRAIN, f"data_root={tmp_path / 'data'}",
+                                  f"output_dir={tmp_path / 'train'}"))["best_checkpoint"])  # fmt: skip
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     module = AdaFocusModule(ckpt["hyper_parameters"]["config"])
     module.load_state_dict(ckpt["state_dict"])
@@ -157,10 +165,9 @@ def test_cli_exports_a_trained_checkpoint(tmp_path):
     assert f"onnx: {default}" in out.stdout
     assert_matches_eager(model, load_onnx(default, video), video)
 
-    target = tmp_path / "exported" / "model.pt"
-    out = run("-m", "adafocus.export", f"ckpt_path={ckpt_path}", "format=torchscript", f"out={target}",
-              f"hydra.run.dir={tmp_path / 'export2'}")  # fmt: skip
-    assert f"torchscript: {target}" in out.stdout
+    target = tmp_path / "exported" / "model.pt"  # the other format, in-process
+    assert export(config("export", f"ckpt_path={ckpt_path}", "format=torchscript", f"out={target}",
+                         f"output_dir={tmp_path / 'export2'}")) == target  # fmt: skip
     assert_matches_eager(model, load_torchscript(target, video), video)
 
 
@@ -172,10 +179,5 @@ def test_cli_errors_before_loading(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert "format must be one of onnx, torchscript, got 'tflite'" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "adafocus.export", f"ckpt_path={tmp_path / 'missing.ckpt'}",
-         f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode != 0
-    assert f"ckpt_path={tmp_path / 'missing.ckpt'}: no such file" in result.stderr
+    with pytest.raises(FileNotFoundError, match=f"ckpt_path={tmp_path / 'missing.ckpt'}: no such file"):
+        export(config("export", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"output_dir={tmp_path}"))

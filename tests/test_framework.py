@@ -179,9 +179,8 @@ def test_evaluate_a_checkpoint_in_the_published_layout(trained, data_root, tmp_p
     module.load_state_dict(ours["state_dict"])
     published = tmp_path / "synthetic_p16_mbv3s.pth.tar"
     torch.save({"state_dict": to_official_state_dict(module.model)}, published)
-    run("evaluate.py", f"ckpt_path={published}", *TINY, "backbone=cpu", f"data_root={data_root}",
-        f"hydra.run.dir={tmp_path}")  # fmt: skip
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    overrides = [f"ckpt_path={published}", *TINY, "backbone=cpu", f"data_root={data_root}"]
+    metrics = evaluate(config(*overrides, f"output_dir={tmp_path}", name="evaluate"), overrides=overrides)
     assert metrics["top1"] == pytest.approx(results["best_top1"]) and metrics["num_videos"] == 9
 
 
@@ -321,7 +320,7 @@ def test_predict_task_writes_a_prediction_file(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_your_own_videos_from_a_published_checkpoint(trained, tmp_path):
+def test_train_on_your_own_videos_from_a_published_checkpoint(trained, tmp_path, capsys):
     """The README's path: a ROOT/<class>/<video> folder -> prepare build -> fine-tune a published-layout
     checkpoint with another class count (init_from) -> evaluate -> early exit."""
     from videos import numbered_frames, write_video
@@ -347,9 +346,10 @@ def test_train_on_your_own_videos_from_a_published_checkpoint(trained, tmp_path)
         "backbone.classifier_dim=64",
     ]  # fmt: skip
     out = tmp_path / "finetune"
-    tuned = run("train.py", *own, "epochs=1", f"init_from={published}", f"hydra.run.dir={out}")
-    assert "re-initialised" in tuned.stdout and "glance_head.1.weight" in tuned.stdout, tuned.stdout
-    best = next((out / "checkpoints").glob("best-*.ckpt"))
+    capsys.readouterr()
+    best = train(config(*own, "epochs=1", f"init_from={published}", f"output_dir={out}"))["best_checkpoint"]
+    summary = capsys.readouterr().out
+    assert "re-initialised" in summary and "glance_head.1.weight" in summary, summary
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     assert state["model.glance_head.1.weight"].shape[0] == 3
     metrics = evaluate(config(f"ckpt_path={best}", f"output_dir={tmp_path / 'eval'}", name="evaluate"), [])
@@ -442,21 +442,12 @@ def test_train_and_evaluate_from_a_transcoded_copy_with_either_decoder_and_sampl
         "num_frames=2", "batch_size=4", "workers=0", "backbone.stn_hidden_dim=32",
         "backbone.classifier_dim=64", "epochs=1",
     ]  # fmt: skip
-    out = (
-        tmp_path / "torchcodec"
-    )  # the real CLI once: torchcodec + keyframes to train, decord + exact to evaluate
-    run("train.py", *own, "dataset.decoder=torchcodec", "dataset.sampling=keyframe", f"hydra.run.dir={out}")
-    best = next((out / "checkpoints").glob("best-*.ckpt"))
-    run("evaluate.py", f"ckpt_path={best}", "dataset.decoder=decord", "dataset.sampling=exact",
-        f"hydra.run.dir={out / 'eval'}")  # fmt: skip
-    assert json.loads((out / "eval" / "metrics.json").read_text())["num_videos"] == 4
-    out = tmp_path / "decord"  # and the other way round
-    trained = train(config(*own, "dataset.decoder=decord", "dataset.sampling=keyframe", f"output_dir={out}"))
-    evaluate_with = ["dataset.decoder=torchcodec", "dataset.sampling=exact"]
-    cfg = config(
-        f"ckpt_path={trained['best_checkpoint']}",
-        *evaluate_with,
-        f"output_dir={out / 'eval'}",
-        name="evaluate",
-    )
-    assert evaluate(cfg, overrides=evaluate_with)["num_videos"] == 4
+    for train_with, evaluate_with in [
+        (["dataset.decoder=torchcodec", "dataset.sampling=keyframe"], ["dataset.decoder=decord"]),
+        (["dataset.decoder=decord", "dataset.sampling=keyframe"], ["dataset.decoder=torchcodec"]),
+    ]:
+        out = tmp_path / train_with[0].split("=")[1]
+        best = train(config(*own, *train_with, f"output_dir={out}"))["best_checkpoint"]
+        evaluate_with = [*evaluate_with, "dataset.sampling=exact"]
+        cfg = config(f"ckpt_path={best}", *evaluate_with, f"output_dir={out / 'eval'}", name="evaluate")
+        assert evaluate(cfg, overrides=evaluate_with)["num_videos"] == 4

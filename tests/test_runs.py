@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from videos import make_video_dataset
+
+from adafocus.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -31,6 +34,11 @@ def cli(script: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess
     return result
 
 
+def config(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
 def rows(run_dir: Path, key: str) -> list[dict]:
     with (run_dir / "csv" / "metrics.csv").open() as f:
         return [r for r in csv.DictReader(f) if r.get(key)]
@@ -41,31 +49,25 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-@pytest.mark.slow
-def test_resume_in_place_keeps_history_and_follows_new_epochs(data_root, tmp_path):
+def test_resume_in_place_keeps_history_and_follows_new_epochs(data_root, tmp_path, capsys):
     run = tmp_path / "run"
-    cli(
-        "train.py",
-        *TINY,
-        f"data_root={data_root}",
-        "epochs=2",
-        "trainer.max_epochs=1",
-        f"hydra.run.dir={run}",
-    )
+    train(config(*TINY, f"data_root={data_root}", "epochs=2", "trainer.max_epochs=1", f"output_dir={run}"))
     first = rows(run, "val/top1")
     assert [int(r["epoch"]) for r in first] == [0]
-    # the model must stay the checkpoint's
-    bad = cli("train.py", *TINY, f"data_root={data_root}", "patch=24", "epochs=3", "ckpt_path=last",
-              f"hydra.run.dir={run}", ok=False)  # fmt: skip
-    assert "model.patch_size: checkpoint 16, now 24" in bad.stderr and "Traceback" not in bad.stderr
-    resumed = cli(
-        "train.py", *TINY, f"data_root={data_root}", "epochs=3", "ckpt_path=last", f"hydra.run.dir={run}"
-    )
-    assert "resuming after epoch 1 of 2: the learning-rate schedule now runs over epochs=3" in resumed.stdout
+    with pytest.raises(ValueError, match="model.patch_size: checkpoint 16, now 24"):  # the model stays
+        train(
+            config(
+                *TINY, f"data_root={data_root}", "patch=24", "epochs=3", "ckpt_path=last", f"output_dir={run}"
+            )
+        )
+    capsys.readouterr()
+    train(config(*TINY, f"data_root={data_root}", "epochs=3", "ckpt_path=last", f"output_dir={run}"))
+    resumed = capsys.readouterr().out
+    assert "resuming after epoch 1 of 2: the learning-rate schedule now runs over epochs=3" in resumed
     val = rows(run, "val/top1")
     assert [int(r["epoch"]) for r in val] == [0, 1, 2] and val[0] == first[0]  # nothing earlier lost
     best = max(float(r["val/top1"]) for r in val)
-    assert re.search(rf"best val/top1 +{best:.2f}\n", resumed.stdout)  # best tracking over the whole run
+    assert re.search(rf"best val/top1 +{best:.2f}\n", resumed)  # best tracking over the whole run
     lrs = [float(r["lr-AdamW/focus"]) for r in rows(run, "lr-AdamW/focus")]  # one per epoch, in order
     assert len(lrs) == 3 and lrs[0] == pytest.approx(1e-3)
     assert lrs[1] == pytest.approx(0.5 * 1e-3 * (1 + math.cos(math.pi * 1 / 3)))  # epoch 1 of 3, not of 2
@@ -100,8 +102,7 @@ def test_a_second_run_in_the_same_directory_stops_and_stale_temporaries_go(data_
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-@pytest.mark.slow
-def test_missing_videos_are_named_before_training_and_a_broken_val_video_is_skipped(tmp_path):
+def test_missing_videos_are_named_before_training_and_a_broken_val_video_is_skipped(tmp_path, capsys):
     videos = [(f"c{k % 2}/v{k}", 6, [k % 2]) for k in range(8)]
     data = make_video_dataset(tmp_path / "data", videos, num_classes=2, val_videos=videos[:3])
     own = ["dataset=custom", "dataset.num_classes=2", f"data_dir={data}", "dataset.input_size=64",
@@ -109,13 +110,17 @@ def test_missing_videos_are_named_before_training_and_a_broken_val_video_is_skip
            "num_frames=2", "batch_size=4", "workers=0", "backbone.stn_hidden_dim=32",
            "backbone.classifier_dim=64", "epochs=1", "dataset.max_bad_fraction=0.5"]  # fmt: skip
     (data / "videos" / "c1" / "v5.mp4").rename(tmp_path / "away.mp4")
-    missing = cli("train.py", *own, f"hydra.run.dir={tmp_path / 'a'}", ok=False)
-    assert "1 listed videos are missing" in missing.stderr and "train_split.txt:6:" in missing.stderr
-    assert "c1/v5" in missing.stderr and not (tmp_path / "a" / "checkpoints").exists()  # before any epoch
+    with pytest.raises(
+        FileNotFoundError, match=r"1 listed videos are missing:\n  .*train_split.txt:6: .*c1/v5"
+    ):
+        train(config(*own, f"output_dir={tmp_path / 'a'}"))
+    assert not (tmp_path / "a" / "checkpoints").exists()  # before any epoch
     (tmp_path / "away.mp4").rename(data / "videos" / "c1" / "v5.mp4")
     (data / "videos" / "c0" / "v2.mp4").write_bytes(os.urandom(2048))  # a val video (also in train)
-    done = cli("train.py", *own, f"hydra.run.dir={tmp_path / 'b'}")
-    assert "skipped in val" in done.stdout and "bad videos" in done.stdout
+    capsys.readouterr()
+    train(config(*own, f"output_dir={tmp_path / 'b'}"))
+    summary = capsys.readouterr().out
+    assert "skipped in val" in summary and "bad videos" in summary
     assert [float(r["val/skipped"]) for r in rows(tmp_path / "b", "val/skipped")][-1] == 1.0
     assert list((tmp_path / "b" / "checkpoints").glob("best-*.ckpt"))
 
