@@ -3,7 +3,6 @@ share a directory, left-over temporaries go, missing or broken videos are named 
 cannot be written are said before the work."""
 
 import csv
-import json
 import math
 import os
 import re
@@ -126,9 +125,11 @@ def test_missing_videos_are_named_before_training_and_a_broken_val_video_is_skip
 
 
 def test_evaluate_checks_its_output_directory_before_the_work(tmp_path):
+    from adafocus.tasks import evaluate
+
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    result = cli("evaluate.py", "ckpt_path=/nonexistent.ckpt", f"output_dir={blocker / 'sub'}",
-                 f"hydra.run.dir={tmp_path / 'h'}", ok=False)  # fmt: skip
-    assert f"output_dir={blocker / 'sub'} cannot be written" in result.stderr  # before the checkpoint is read
-    assert not json.dumps(result.stdout).count("metrics:")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["ckpt_path=/nonexistent.ckpt", f"output_dir={blocker / 'sub'}"])
+    with pytest.raises(PermissionError, match=f"output_dir={blocker / 'sub'} cannot be written"):
+        evaluate(cfg, overrides=[])  # before the checkpoint is even looked for
