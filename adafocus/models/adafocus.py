@@ -294,7 +294,7 @@ def load_glance_checkpoint(trunk: nn.Module, path: str | Path) -> None:
     classifier (``fc`` / ``classifier``) is dropped. BatchNorm ``num_batches_tracked`` counters a file from
     before PyTorch 0.4.1 lacks are filled in by ``load_state_dict``.
     """
-    from adafocus.models.official import _mbv2_from_official
+    from adafocus.models.official import _mbv2_from_official, state_dict_differences
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
@@ -312,9 +312,8 @@ def load_glance_checkpoint(trunk: nn.Module, path: str | Path) -> None:
         renamed[key] = value
     state = renamed
     own = trunk.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected, mismatched = state_dict_differences(own, state)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"glance_ckpt {path} does not match the glance trunk: missing {missing[:10]} ({len(missing)}), "

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adafocus.models.official import from_official_state_dict
+from adafocus.models.official import from_official_state_dict, state_dict_differences
 
 # the tensors sized by the class count (the recurrent classifier's step heads are stacked: [T, C, ...])
 HEADS = (
@@ -89,15 +89,10 @@ def init_from_checkpoint(model: nn.Module, path: str | Path) -> InitSummary:
         raise ValueError(f"init_from={path}: no glance head ('glance_head.1.weight') to read the class count")
     source_classes, num_classes = state["glance_head.1.weight"].shape[0], own["glance_head.1.weight"].shape[0]
     reinit = list(HEADS) if source_classes != num_classes else []
-    missing = sorted(set(own) - set(state) - set(reinit))
+    missing, unexpected, mismatched = state_dict_differences(own, state, ignore=set(reinit))
     counters = [k for k in missing if k.endswith("num_batches_tracked")]
     missing = [k for k in missing if k not in counters]
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(state) & set(own) - set(reinit))
-        if state[k].shape != own[k].shape
-    ]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"init_from={path} ({source} checkpoint) does not fit the model:\n"

@@ -127,6 +127,17 @@ def infer_config(state: dict[str, torch.Tensor], path: str | Path = "") -> dict:
     return cfg
 
 
+def state_dict_differences(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], ignore: set[str] = frozenset()
+) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` (a file's tensors) differs from ``own`` (a model's), leaving out ``ignore``: the missing
+    and unexpected keys, and the keys of both whose shapes differ (all sorted)."""
+    missing = sorted(set(own) - set(state) - ignore)
+    unexpected = sorted(set(state) - set(own) - ignore)
+    mismatched = sorted(k for k in (set(own) & set(state)) - ignore if own[k].shape != state[k].shape)
+    return missing, unexpected, mismatched
+
+
 def load_official_checkpoint(cls, path: str | Path, **kwargs):
     """Build ``cls`` (AdaFocusV2) for a published checkpoint and load it strictly.
 
@@ -147,13 +158,10 @@ def load_official_checkpoint(cls, path: str | Path, **kwargs):
     model = cls(**config)
     converted = from_official_state_dict(state)
     own = model.state_dict()
-    missing = sorted(set(own) - set(converted))
-    unexpected = sorted(set(converted) - set(own))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(converted)
-        if converted[k].shape != own[k].shape
-    )
+    missing, unexpected, mismatched = state_dict_differences(own, converted)
+    mismatched = [
+        f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched
+    ]
     if missing or unexpected or mismatched:
         raise ValueError(
             f"{path} does not match AdaFocusV2({config}):\n"
