@@ -35,6 +35,10 @@ def test_every_backbone_is_a_trunk_and_a_glance(name):
         out = model(torch.randn(2, 3, 3, 64, 64))
     assert out.logits.shape == (2, 3, 3) and torch.isfinite(out.logits).all()
     assert model.glance_shape["in_channels"] == spec.dim
+    if spec.weights is None:  # no ImageNet weights to load: asking for them is an error naming the way out
+        with pytest.raises(ValueError, match="backbone.pretrained=false"):
+            build_trunk(name, pretrained=True)
+        return
     # the trunk's tensors sit under the entry's prefix in the torchvision model its weights belong to
     full = get_model(spec.weights.__class__.__name__.removesuffix("_Weights").lower()).state_dict()
     for key, value in trunk.state_dict().items():

@@ -22,7 +22,7 @@ class Backbone:
     """How to build one trunk. ``resize``/``resize_mode``: the glance's default input resolution."""
 
     build: Callable[[], nn.Module]  # () -> trunk with random weights
-    weights: tvm.WeightsEnum  # torchvision's ImageNet weights for pretrained=True
+    weights: tvm.WeightsEnum | None  # torchvision's ImageNet weights for pretrained=True (None: none exist)
     dim: int  # channels of the output map
     resize: int | None = None  # glance input size (None = the full frame)
     resize_mode: str = "bilinear"
@@ -37,6 +37,12 @@ def _resnet_trunk(resnet: nn.Module) -> nn.Module:
 
 def _mbv2() -> nn.Module:
     return tvm.mobilenet_v2().features  # [N, 1280, H/32, W/32]
+
+
+def _res10() -> nn.Module:
+    # ResNet-10 (one BasicBlock per stage, [N, 512, H/32, W/32]): the CPU demo's focus network, about half
+    # of ResNet-18's time on its 32 px patches (measured, see README); torchvision has no weights for it.
+    return _resnet_trunk(tvm.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1]))
 
 
 def _mbv3s() -> nn.Module:
@@ -58,6 +64,7 @@ BACKBONES: dict[str, Backbone] = {
         weights_prefix="features.",
     ),
     "res18": Backbone(lambda: _resnet_trunk(tvm.resnet18()), tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "res10": Backbone(_res10, None, 512),
 }
 
 
@@ -84,6 +91,11 @@ def build_trunk(name: str, pretrained: bool) -> nn.Module:
     """The trunk of backbone ``name``, with torchvision's ImageNet weights when ``pretrained``."""
     spec = get_backbone(name)
     trunk = spec.build()
+    if pretrained and spec.weights is None:
+        raise ValueError(
+            f"backbone {name!r} has no ImageNet weights in torchvision: set backbone.pretrained=false "
+            f"(train it from scratch) or pick one of {', '.join(sorted(k for k, v in BACKBONES.items() if v.weights))}"
+        )
     if pretrained:
         # The trunk keeps torchvision's parameter names, minus the classifier / fc it does not have.
         state = imagenet_state_dict(spec.weights)
