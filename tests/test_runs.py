@@ -1,6 +1,6 @@
-"""Runs that survive (issue 12): resume never changes the model or loses the run's history, two runs do not
-share a directory, left-over temporaries go, missing or broken videos are named or skipped, results that
-cannot be written are said before the work."""
+"""Runs that survive (issue 12): resume never changes the model or loses the run's history, checkpoints never
+pass through the system temporary directory, two runs do not share a directory, left-over temporaries go,
+missing or broken videos are named or skipped, results that cannot be written are said before the work."""
 
 import csv
 import math
@@ -41,6 +41,13 @@ def config(*overrides: str):
 def rows(run_dir: Path, key: str) -> list[dict]:
     with (run_dir / "csv" / "metrics.csv").open() as f:
         return [r for r in csv.DictReader(f) if r.get(key)]
+
+
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # renamed or removed meanwhile
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +140,30 @@ def test_evaluate_checks_its_output_directory_before_the_work(tmp_path):
         cfg = compose("evaluate", overrides=["ckpt_path=/nonexistent.ckpt", f"output_dir={blocker / 'sub'}"])
     with pytest.raises(PermissionError, match=f"output_dir={blocker / 'sub'} cannot be written"):
         evaluate(cfg, overrides=[])  # before the checkpoint is even looked for
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_written_next_to_its_file_never_in_the_system_temp_dir(data_root, tmp_path):
+    """Lightning's writer stages a checkpoint's bytes in the system temporary directory (a small /tmp fails
+    the save, a kill leaves them there); ours writes them into a temporary next to the file. kill -9 while a
+    save is under way: nothing was ever put in TMPDIR, the partial file is in checkpoints/ (a run there
+    removes it)."""
+    system_tmp, run = tmp_path / "tmp", tmp_path / "run"
+    system_tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *TINY, f"data_root={data_root}", "epochs=1", f"hydra.run.dir={run}"],
+        cwd=ROOT, env={**os.environ, "TMPDIR": str(system_tmp)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    staged, saving = set(), []
+    try:
+        while proc.poll() is None and not saving:
+            staged.update(p.name for p in system_tmp.iterdir())
+            saving = [p for p in [*run.glob("checkpoints/.*.tmp"), *system_tmp.iterdir()] if size(p)]
+            time.sleep(0.005)
+    finally:
+        proc.kill()  # kill -9, in the middle of the save
+        proc.wait()
+    assert saving, "the run ended before a checkpoint save was seen"
+    assert not staged and not list(system_tmp.iterdir()), f"staged in TMPDIR: {staged}"
+    assert [p.parent for p in saving] == [run / "checkpoints"] and size(saving[0])
