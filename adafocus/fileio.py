@@ -1,5 +1,5 @@
 """Writing files so that nothing is ever half-written: a temporary name in the same folder, then a rename
-(also for Lightning's checkpoints)."""
+(also for Lightning's checkpoints, whose bytes never pass through the system temporary directory)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 
@@ -41,8 +43,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, through :func:`atomic_path`: never a half-written checkpoint."""
+    """Lightning's checkpoint writer, never a half-written checkpoint. A local file is written by
+    ``torch.save`` straight into :func:`atomic_path`'s temporary next to it, synced to disk, then renamed:
+    Lightning's own writer stages the bytes in the system temporary directory (fsspec's transaction), where
+    a kill leaves them and a small ``/tmp`` fails the save. Remote URLs (``s3://``...) keep Lightning's
+    writer."""
 
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+        if not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options for a local file ({path})")
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())

@@ -119,7 +119,8 @@ def test_distributed_batch_size_and_samplers(multi_root):
     dm.setup("fit")
     assert dm.per_device_batch_size == 2
     train, val = dm.train_dataloader(), dm.val_dataloader()
-    assert isinstance(train.sampler, DistributedSampler) and train.sampler.num_replicas == 2
+    shards = train.sampler.sampler  # inside the resumable loader's wrapper
+    assert isinstance(shards, DistributedSampler) and shards.num_replicas == 2
     assert isinstance(val.sampler, UnrepeatedDistributedSampler) and val.batch_size == 2
 
     odd = dm.train_dataset  # 5 videos

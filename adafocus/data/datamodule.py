@@ -16,6 +16,7 @@ from adafocus.data.dataset import BACKENDS, ClipCollate, VideoClipDataset
 from adafocus.data.io import VideoReadError, require_decoder
 from adafocus.data.lists import LIST_FORMATS, ListFileError, VideoEntry, parse_list, read_class_index
 from adafocus.data.manifest import ManifestError, VideoInfo, check_file, read_manifest
+from adafocus.data.resumable import ResumableDataLoader
 from adafocus.data.sampling import SAMPLINGS
 from adafocus.data.transforms import VideoTransform, normalize_video
 
@@ -295,11 +296,16 @@ class VideoDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(
-        self, dataset: VideoClipDataset, sampler: torch.utils.data.Sampler, drop_last: bool = False
+        self,
+        dataset: VideoClipDataset,
+        sampler: torch.utils.data.Sampler,
+        drop_last: bool = False,
+        loader: type[DataLoader] = DataLoader,
+        **kwargs: Any,
     ) -> DataLoader:
         if self.per_device_batch_size is None:
             raise RuntimeError("VideoDataModule.setup() must run before asking for a dataloader")
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=self.per_device_batch_size,
             sampler=sampler,
@@ -313,6 +319,7 @@ class VideoDataModule(pl.LightningDataModule):
                 dataset.num_clips * dataset.transform.crops,
             ),
             drop_last=drop_last,
+            **kwargs,
         )
 
     def _eval_sampler(self, dataset: VideoClipDataset) -> torch.utils.data.Sampler:
@@ -332,13 +339,20 @@ class VideoDataModule(pl.LightningDataModule):
         else:
             sampler = RandomSampler(self.train_dataset)
         self._train_epoch_size = len(sampler)
-        return self._loader(self.train_dataset, sampler, drop_last=True)  # as the original; eval keeps all
+        # drop_last as the original (eval keeps all); resumable mid-epoch, in the same order
+        return self._loader(self.train_dataset, sampler, drop_last=True, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
             raise RuntimeError("VideoDataModule.setup() must run before val_dataloader()")
         self._eval_datasets["val"] = self.val_dataset
-        return self._loader(self.val_dataset, self._eval_sampler(self.val_dataset))
+        # its own generator: validation (and the sanity check) draws nothing from training's random stream, so
+        # a resumed run, which skips the validation its checkpoint reached, continues that stream unchanged
+        return self._loader(
+            self.val_dataset,
+            self._eval_sampler(self.val_dataset),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def test_dataloader(self) -> DataLoader:
         """The val split (``eval_limit``: a seeded random subset), eval transform, ``test_clips`` x

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -107,6 +108,7 @@ def check_config(
             )
     if stage != "train":
         return
+    check_checkpoint_config(cfg)
     if cfg.backbone.glance_arch == "res50" and not cfg.backbone.glance_ckpt:
         warnings.warn(
             "backbone=res50 without backbone.glance_ckpt: the 96 px ResNet-50 glance starts from the "
@@ -122,6 +124,32 @@ def check_config(
                 "(batch_size is the total over all devices; the published numbers need the recipe's)",
                 stacklevel=2,
             )
+
+
+def check_checkpoint_config(cfg: DictConfig) -> None:
+    """The ``checkpoint`` node: every key is one a checkpoint callback reads (``+checkpoint.typo=1`` is an
+    error, not silently ignored), and at most one in-epoch trigger, a positive one."""
+    node = cfg.get("checkpoint") or {}
+    callbacks = str(OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=False))
+    read = set(re.findall(r"\$\{checkpoint\.(\w+)\}", callbacks))
+    unread = sorted(set(node) - read)
+    if read and unread:
+        raise ValueError(
+            f"checkpoint.{unread[0]}: no such setting (the checkpoint callbacks read checkpoint."
+            + ", checkpoint.".join(sorted(read))
+            + ")"
+        )
+    steps, minutes = node.get("every_n_train_steps"), node.get("every_n_minutes")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"checkpoint.every_n_train_steps={steps}: a number of steps >= 1, or null")
+    number = isinstance(minutes, int | float) and not isinstance(minutes, bool)
+    if minutes is not None and (not number or minutes <= 0):
+        raise ValueError(f"checkpoint.every_n_minutes={minutes}: a number of minutes > 0, or null")
+    if steps is not None and minutes is not None:
+        raise ValueError(
+            f"checkpoint.every_n_train_steps={steps} and checkpoint.every_n_minutes={minutes}: give one of "
+            "them (the other =null; real datasets default to checkpoint.every_n_minutes=10)"
+        )
 
 
 def check_world(cfg: DictConfig, trainer: pl.Trainer) -> None:

@@ -83,8 +83,10 @@ def check_resume(ckpt_path: str, config: dict, allow_model_override: bool) -> No
             + ". Give the overrides it was trained with (.hydra/overrides.yaml) or allow_model_override=true"
         )
     if stored.get("epochs") != config["epochs"] and rank_zero_only.rank == 0:
+        batches = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        where = "inside" if batches.get("is_last_batch") is False else "after"  # a mid-epoch checkpoint
         print(
-            f"resuming after epoch {ckpt.get('epoch', 0) + 1} of {stored.get('epochs')}: the learning-rate "
+            f"resuming {where} epoch {ckpt.get('epoch', 0) + 1} of {stored.get('epochs')}: the learning-rate "
             f"schedule now runs over epochs={config['epochs']} from there",
             flush=True,
         )
