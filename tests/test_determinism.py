@@ -21,7 +21,8 @@ TINY = [
 def run(tmp_path: Path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
     out = tmp_path / name
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, f"data_root={tmp_path / 'data'}", f"output_dir={out}", *overrides])
+        overrides = [*TINY, f"data_root={tmp_path / 'data'}", f"output_dir={out}", *overrides]
+        cfg = compose("train", overrides=overrides)
     train(cfg)
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 

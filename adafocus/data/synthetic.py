@@ -150,7 +150,9 @@ def write_mp4(path: Path, video: np.ndarray, fps: int = 8, crf: int = 12) -> Non
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = video.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        # ultrafast, one encoder thread (the generator runs a process per core): half the encode time of
+        # veryfast and a quarter less decode time per training clip, same PSNR (measured, see README)
+        stream.options = {"crf": str(crf), "preset": "ultrafast", "threads": "1"}
         for frame in video:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -188,7 +190,7 @@ def ensure_synthetic(
     params = {
         "num_train": num_train, "num_val": num_val, "frames_per_video": frames_per_video, "size": size,
         "radius": radius, "amplitude": amplitude, "num_distractors": num_distractors, "grid": grid,
-        "speed": [float(v) for v in speed], "crf": crf, "seed": seed, "version": 1,
+        "speed": [float(v) for v in speed], "crf": crf, "seed": seed, "version": 2,
     }  # fmt: skip
     params_file = root / PARAMS_FILE
     if params_file.is_file() and json.loads(params_file.read_text()) == params:

@@ -120,8 +120,9 @@ class AdaFocusV2(nn.Module):
     # ---- forward ----
     def check_input(self, video: torch.Tensor, values: bool = True) -> None:
         """Shape ``[B, num_frames, 3, input_size, input_size]`` and (``values``) finite entries. Values are
-        not checked while tracing or compiling (a data-dependent branch cannot be in an exported graph):
-        the caller of an exported or compiled model checks them, see :mod:`adafocus.runtime`."""
+        not checked in training mode (loaders yield uint8, never NaN) nor while tracing or compiling (a
+        data-dependent branch cannot be in an exported graph): the caller of an exported or compiled model
+        checks them, see :mod:`adafocus.runtime`."""
         expected = (self.num_frames, 3, self.input_size, self.input_size)
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(

@@ -92,9 +92,10 @@ def build_trunk(name: str, pretrained: bool) -> nn.Module:
     spec = get_backbone(name)
     trunk = spec.build()
     if pretrained and spec.weights is None:
+        with_weights = ", ".join(k for k, v in BACKBONES.items() if v.weights)
         raise ValueError(
             f"backbone {name!r} has no ImageNet weights in torchvision: set backbone.pretrained=false "
-            f"(train it from scratch) or pick one of {', '.join(sorted(k for k, v in BACKBONES.items() if v.weights))}"
+            f"(train it from scratch) or pick one of {with_weights}"
         )
     if pretrained:
         # The trunk keeps torchvision's parameter names, minus the classifier / fc it does not have.
