@@ -17,16 +17,16 @@ from adafocus.models import AdaFocusV2
 from adafocus.profile import PARTS, print_table, profile
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = OmegaConf.load(ROOT / "conf" / "backbone" / "cpu.yaml")  # the profiled backbone=cpu
 TINY = ["backbone=cpu", "patch=32", "input_size=64", "num_frames=4", "num_classes=5", "repeats=2", "warmup=1"]
 
 
 def cpu_model() -> AdaFocusV2:
     """The model the profile builds for TINY, from conf/backbone/cpu.yaml (not from the profile's code)."""
-    backbone = OmegaConf.load(ROOT / "conf" / "backbone" / "cpu.yaml")
     return AdaFocusV2(
-        num_classes=5, glance_arch=backbone.glance_arch, focus_arch=backbone.focus_arch, patch_size=32,
-        num_frames=4, input_size=64, stn_hidden_dim=backbone.stn_hidden_dim,
-        classifier_dim=backbone.classifier_dim, glance_size=backbone.glance_size, pretrained=False,
+        num_classes=5, glance_arch=CPU.glance_arch, focus_arch=CPU.focus_arch, patch_size=32,
+        num_frames=4, input_size=64, stn_hidden_dim=CPU.stn_hidden_dim,
+        classifier_dim=CPU.classifier_dim, glance_size=CPU.glance_size, pretrained=False,
     )  # fmt: skip
 
 
@@ -56,7 +56,7 @@ def test_cli_json_matches_the_model(tmp_path):
     assert sum(p["params_m"] for p in out["parts"].values()) == pytest.approx(out["params_m"])
     assert sum(p["gflops"] for p in out["parts"].values()) == pytest.approx(out["gflops"], rel=1e-9)
     assert (out["glance"], out["focus"], out["patch"], out["num_frames"], out["input_size"]) == (
-        "mbv3s", "res18", 32, 4, 64,
+        CPU.glance_arch, CPU.focus_arch, 32, 4, 64,
     )  # fmt: skip
     assert (out["device"], out["batch_size"]) == ("cpu", 1)
     assert list(out["runtimes"]) == ["eager", "channels_last"]  # (every runtime: test_runtime.py)
@@ -83,7 +83,7 @@ def test_table_and_throughput_in_process():
     console = Console(record=True, width=140)
     print_table(result, console)
     text = console.export_text()
-    assert "mbv3s glance + res18 focus, P=32, T=4, 64 px" in text
+    assert f"{CPU.glance_arch} glance + {CPU.focus_arch} focus, P=32, T=4, 64 px" in text
     for part in ("glance", "policy", "focus", "classifier", "total", "other", "x eager"):
         assert part in text
     assert f"{result['gflops']:.2f}" in text and f"{result['params_m']:.2f}" in text
