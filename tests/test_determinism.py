@@ -5,25 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from test_runs import TINY, config
 
 from adafocus.tasks import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "dataset.generate.num_train=16", "dataset.generate.num_val=8", "dataset.generate.frames_per_video=6",
-    "dataset.generate.size=64", "dataset.input_size=64", "backbone.glance_size=8", "num_frames=2",
-    "patch=16", "batch_size=4", "backbone.stn_hidden_dim=32", "backbone.classifier_dim=64", "epochs=2",
-    "dataset.augment=true", "logger=csv", "callbacks.rich_progress_bar=null", "callbacks.focus_pictures=null",
-]  # fmt: skip
+QUIET = ["logger=csv", "callbacks.rich_progress_bar=null", "callbacks.focus_pictures=null"]
 
 
 def run(tmp_path: Path, name: str, *overrides: str) -> dict[str, torch.Tensor]:
     out = tmp_path / name
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        overrides = [*TINY, f"data_root={tmp_path / 'data'}", f"output_dir={out}", *overrides]
-        cfg = compose("train", overrides=overrides)
-    train(cfg)
+    extra = ["epochs=2", "dataset.augment=true", f"data_root={tmp_path}", f"output_dir={out}", *overrides]
+    train(config(*TINY, *QUIET, *extra))
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
