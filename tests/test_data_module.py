@@ -206,6 +206,9 @@ def test_bad_eval_video_raises_naming_path(bad_root, workers):
     with pytest.raises(Exception, match="bad_garbage") as info:
         list(dm.val_dataloader())
     assert isinstance(info.value, VideoReadError if workers == 0 else Exception)
+    # the traceback holds the loader's worker processes: free them now, not in a later cyclic garbage
+    # collection (PyTorch then waits 5 s per worker for a shutdown message its closed queues never send)
+    del info
 
 
 def test_bad_eval_video_skipped_on_request(bad_root):
