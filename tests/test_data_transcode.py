@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,12 +134,18 @@ def test_verify_writes_manifest(source_tree, tmp_path):
 VIDEOS = [("v0", 12, [0]), ("v1", 16, [1])]
 
 
-@pytest.fixture
-def manifest_root(tmp_path):
-    root = make_video_dataset(tmp_path / "d", VIDEOS, 2)
+@pytest.fixture(scope="module")
+def verified_root(tmp_path_factory):
+    root = make_video_dataset(tmp_path_factory.mktemp("manifest") / "d", VIDEOS, 2)
     result = run("verify", str(root), "--list", "train_split.txt", "--manifest", "--quiet")
     assert result.returncode == 0, result.stderr
     return root
+
+
+@pytest.fixture
+def manifest_root(verified_root, tmp_path):
+    """A fresh copy of a dataset whose manifest the real CLI wrote (the tests below edit it)."""
+    return Path(shutil.copytree(verified_root, tmp_path / "d"))
 
 
 def make_dm(root, **kwargs):
