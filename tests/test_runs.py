@@ -103,9 +103,10 @@ def test_a_second_run_in_the_same_directory_stops_and_stale_temporaries_go(data_
     stale = run / "checkpoints" / ".last.ckpt.abc123.tmp"  # what a kill -9 during a save leaves
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a checkpoint")
+    # epochs=1000: the first run outlives the second on any machine (it is killed below, never finishes)
     first = subprocess.Popen(
-        [sys.executable, "train.py", *TINY, f"data_root={data_root}", "epochs=3", f"hydra.run.dir={run}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "train.py", *TINY, f"data_root={data_root}", "epochs=1000", f"hydra.run.dir={run}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         lock = run / ".adafocus.lock"
