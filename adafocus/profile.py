@@ -27,6 +27,7 @@ from rich.table import Table
 from adafocus.models import AdaFocusV2
 from adafocus.models.adafocus import AdaFocusOutput
 from adafocus.runtime import RUNTIMES, available_runtimes, optimize
+from adafocus.tasks.common import set_threads
 
 PARTS = {  # part -> sub-modules (the policy row includes the patch extractor)
     "glance": ("glance", "glance_head"),
@@ -148,8 +149,6 @@ def check_config(cfg: DictConfig) -> None:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
     if int(cfg.warmup) < 0:
         raise ValueError(f"warmup must be >= 0, got {cfg.warmup}")
-    if cfg.threads is not None and int(cfg.threads) < 1:
-        raise ValueError(f"threads must be >= 1 (or null: torch's default), got {cfg.threads}")
     runtimes(cfg)
 
 
@@ -175,8 +174,7 @@ def profile(cfg: DictConfig) -> dict:
     """The profile as a dict: per-part params (M) and GFLOPs, totals, and per runtime the latency or
     throughput, the per-part times (ms per video) and the outputs' difference from eager."""
     check_config(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg.threads)
     if str(cfg.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # fixed input shape: pick the fastest kernels, as for training
     device, batch_size = str(cfg.device), int(cfg.batch_size)

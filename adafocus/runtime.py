@@ -10,8 +10,8 @@ Runtimes (:data:`RUNTIMES`):
 
 - ``eager``: the model as it is (the reference).
 - ``channels_last``: eager, with the glance and focus CNNs' BatchNorms folded into their convolutions and
-  their activations in channels-last layout, which oneDNN's convolutions (depthwise ones above all) run
-  without reordering.
+  their input in channels-last layout, which oneDNN's convolutions (depthwise ones above all) run without
+  reordering (the model's own trunks hold channels-last weights already: the folding is what this adds).
 - ``torchscript``: each part ``torch.jit.trace`` d, frozen and ``optimize_for_inference`` d (BN folding,
   oneDNN convolution fusion).
 - ``compile``: each part ``torch.compile`` d by Inductor with weight freezing (needs a C++ compiler).

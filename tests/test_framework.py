@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from adafocus.module import AdaFocusModule
 from adafocus.tasks import early_exit, evaluate, train
-from adafocus.tasks.common import check_config, plain_config
+from adafocus.tasks.common import check_config, plain_config, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -118,6 +118,25 @@ def test_bad_configuration_is_caught_before_work(tmp_path):
     with pytest.raises(ValueError, match="divisible"):
         ddp = ["trainer=ddp", "trainer.accelerator=cpu"]
         train(config(*TINY, "batch_size=5", *ddp, f"output_dir={tmp_path}", f"data_root={tmp_path}"))
+    with pytest.raises(ValueError, match="threads must be >= 1"):  # before any data is generated
+        train(config(*TINY, "threads=0", f"output_dir={tmp_path}", f"data_root={tmp_path / 'none'}"))
+    assert not (tmp_path / "none").exists()
+
+
+def test_threads_sets_this_process_and_the_ddp_processes_lightning_starts(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
+    before = torch.get_num_threads()
+    other = 1 if before > 1 else 2
+    try:
+        set_threads(other)
+        assert torch.get_num_threads() == other and os.environ["OMP_NUM_THREADS"] == str(other)
+        set_threads(None)  # null: PyTorch's default, left as it is
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            set_threads(bad)
 
 
 # ------------------------------------------------------------------ the training step

@@ -110,4 +110,8 @@ def build_trunk(name: str, pretrained: bool) -> nn.Module:
             k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in own
         }
         trunk.load_state_dict(picked, strict=True)
-    return trunk
+    # Channels-last weights: the convolutions (and the activations after the first) run NHWC, which oneDNN
+    # and cuDNN compute without reordering. Measured on CPU (README "Model profile", "The default run"): the
+    # full-size mbv2/res50 P128 eager forward 0.94 -> 0.74 s, depthwise convolutions above all. The values,
+    # names and shapes of the parameters are unchanged (checkpoints load either way).
+    return trunk.to(memory_format=torch.channels_last)

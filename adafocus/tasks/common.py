@@ -179,6 +179,20 @@ def check_world(cfg: DictConfig, trainer: pl.Trainer) -> None:
         )
 
 
+def set_threads(threads: int | None) -> None:
+    """``threads``: the compute threads of this process (``torch.set_num_threads``) and of the processes
+    Lightning starts for DDP (``OMP_NUM_THREADS``, which its launchers honour); null keeps PyTorch's default
+    (one per core; Lightning's DDP on CPUs: cores / processes). Data-loader workers compute with one."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be >= 1 (or null: torch's default), got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 # ------------------------------------------------------------------ the run directory
 @contextlib.contextmanager
 def run_dir_lock(output_dir: str | Path) -> Iterator[None]:

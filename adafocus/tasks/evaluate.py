@@ -23,6 +23,7 @@ from adafocus.tasks.common import (
     finish_wandb,
     instantiate_loggers,
     plain_config,
+    set_threads,
 )
 
 
@@ -37,6 +38,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     check_writable(cfg.output_dir)  # metrics.json must have a place before the work starts
     module, run_cfg = load_module(cfg, overrides)
     check_config(run_cfg, "eval")
+    set_threads(run_cfg.get("threads"))
     pl.seed_everything(int(run_cfg.seed), verbose=False)  # the random policy's draws are reproducible
     views = int(cfg.get("test_clips", 1)) * int(cfg.get("test_crops", 1))
     datamodule = build_datamodule(

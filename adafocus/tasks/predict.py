@@ -10,7 +10,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 
 from adafocus.predictions import PredictionWriter
 from adafocus.tasks.checkpoint import build_datamodule, load_module
-from adafocus.tasks.common import build_trainer, check_config, plain_config, user_errors
+from adafocus.tasks.common import build_trainer, check_config, plain_config, set_threads, user_errors
 
 
 def predict(
@@ -26,6 +26,7 @@ def predict(
     (:mod:`adafocus.predictions`); returns the prediction dict (on global rank 0; {} elsewhere)."""
     module, run_cfg = load_module(cfg, overrides)
     check_config(run_cfg, "eval", train_list=split == "train")
+    set_threads(run_cfg.get("threads"))
     pl.seed_everything(int(run_cfg.seed), verbose=False)
     datamodule = build_datamodule(run_cfg, eval_limit=limit, predict_split=split, predict_transform=transform)
     meta = {"gflops_per_video": module.gflops_per_video, "metric": run_cfg.dataset.metric,

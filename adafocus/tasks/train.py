@@ -24,6 +24,7 @@ from adafocus.tasks.common import (
     plain_config,
     print_summary,
     run_dir_lock,
+    set_threads,
 )
 
 
@@ -40,6 +41,7 @@ def train(cfg: DictConfig) -> dict:
             "exist (give the run's directory: hydra.run.dir=outputs/DATE/TIME)"
         )
     check_config(cfg, "train", ckpt_path=ckpt_path)
+    set_threads(cfg.get("threads"))
     config = plain_config(cfg)
     if ckpt_path:
         check_resume(ckpt_path, config, bool(cfg.allow_model_override))
