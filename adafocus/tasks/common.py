@@ -13,6 +13,7 @@ from netrc import netrc
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -187,8 +188,6 @@ def set_threads(threads: int | None) -> None:
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be >= 1 (or null: torch's default), got {threads!r}")
-    import torch
-
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
